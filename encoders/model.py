@@ -1,0 +1,171 @@
+"""The LSTI interest model: item tower, short-term LSTM, long-term attention pooling, SDM-style gate.
+
+One module, one config dataclass. Everything scores by inner product against `item_vectors()`, so
+the user vector lives in the item space and a FAISS inner-product index serves it unchanged.
+
+Online stepping (`encoders.online`) reuses these exact weights and formulas one event at a time:
+- step input x_t = [item_vec(i_t); type_emb(e_t); log-gap(t); first(t)]
+- (h_t, c_t) = LSTMCell(x_t, h_{t-1}, c_{t-1});   s_t = W_s h_t + b_s
+- long-term l = sum_j a_j W_l text(i_j) + b_l with a = softmax_j(q . tanh(K text(i_j)) + w[e_j])
+- g = sigmoid(W_g [s; l; log-gap; log-count] + b_g);   u = g * s + (1 - g) * l
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from encoders.data import EVENT_TYPES
+
+MODES = ("fused", "short", "long")
+
+
+@dataclass
+class LSTIConfig:
+    n_items: int
+    text_dim: int = 384
+    dim: int = 64
+    type_dim: int = 16
+    max_len: int = 200
+    dropout: float = 0.2
+    mode: str = "fused"  # fused | short | long
+
+    @property
+    def n_types(self) -> int:
+        return len(EVENT_TYPES) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gap_feature(gaps_seconds: np.ndarray | Tensor):
+    """Time since the previous event, squashed: log1p(minutes) / 5."""
+    if isinstance(gaps_seconds, Tensor):
+        return torch.log1p(gaps_seconds.clamp(min=0).float() / 60.0) / 5.0
+    return (np.log1p(np.maximum(gaps_seconds, 0).astype(np.float32) / 60.0) / 5.0).astype(np.float32)
+
+
+def count_feature(n_events: np.ndarray | Tensor):
+    """How many events the user has had, squashed: log1p(n) / 5."""
+    if isinstance(n_events, Tensor):
+        return torch.log1p(n_events.float()) / 5.0
+    return (np.log1p(n_events.astype(np.float32)) / 5.0).astype(np.float32)
+
+
+class LSTIModel(nn.Module):
+    def __init__(self, cfg: LSTIConfig, text_vectors: Tensor):
+        super().__init__()
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.cfg = cfg
+        d = cfg.dim
+        self.register_buffer("text", text_vectors.float(), persistent=True)  # [n_items+1, text_dim]
+        self.text_proj = nn.Linear(cfg.text_dim, d)
+        # Zero-initialised id embeddings: an item never seen in training keeps a zero id part and is
+        # ranked by its text alone (cold start).
+        self.id_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.zeros_(self.id_emb.weight)
+        self.type_emb = nn.Embedding(cfg.n_types, cfg.type_dim, padding_idx=0)
+        self.lstm = nn.LSTM(d + cfg.type_dim + 2, d, batch_first=True)
+        self.short_out = nn.Linear(d, d)
+        self.att_key = nn.Linear(cfg.text_dim, d)
+        self.att_query = nn.Parameter(torch.randn(d) / d**0.5)
+        self.att_type = nn.Embedding(cfg.n_types, 1)
+        nn.init.zeros_(self.att_type.weight)
+        self.long_out = nn.Linear(cfg.text_dim, d)
+        self.long_default = nn.Parameter(torch.zeros(d))
+        self.gate = nn.Linear(2 * d + 2, d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    # -- item tower -------------------------------------------------------------------------------
+    def item_vectors(self) -> Tensor:
+        """[n_items+1, dim]; row 0 (padding) is never recommended."""
+        return self.text_proj(self.text) + self.id_emb.weight
+
+    # -- short-term -------------------------------------------------------------------------------
+    def step_inputs(self, item_vecs: Tensor, items: Tensor, etypes: Tensor, gaps: Tensor, first: Tensor):
+        return torch.cat(
+            [
+                self.drop(item_vecs[items]),
+                self.type_emb(etypes),
+                gap_feature(gaps).unsqueeze(-1),
+                first.float().unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+
+    def short_states(self, item_vecs: Tensor, items: Tensor, etypes: Tensor, ts: Tensor) -> Tensor:
+        """s_t for every position of right-padded sequences [B, L] -> [B, L, dim]."""
+        gaps = torch.zeros_like(ts)
+        gaps[:, 1:] = ts[:, 1:] - ts[:, :-1]
+        first = torch.zeros_like(items, dtype=torch.bool)
+        first[:, 0] = True
+        h, _ = self.lstm(self.step_inputs(item_vecs, items, etypes, gaps, first))
+        return self.short_out(self.drop(h))
+
+    # -- long-term --------------------------------------------------------------------------------
+    def attention_logits(self, items: Tensor, etypes: Tensor) -> Tensor:
+        keys = torch.tanh(self.att_key(self.text[items]))
+        return keys @ self.att_query + self.att_type(etypes).squeeze(-1)
+
+    def long_states(self, items: Tensor, etypes: Tensor) -> Tensor:
+        """Causal attention pooling: position t pools items 0..t. Prefix softmax = ratio of cumsums."""
+        mask = (items > 0).float()
+        z = self.attention_logits(items, etypes)
+        z = z - (z * mask - 1e4 * (1 - mask)).max(dim=1, keepdim=True).values.detach()
+        w = torch.exp(z.clamp(max=30.0)) * mask
+        values = self.long_out(self.text[items])
+        num = torch.cumsum(w.unsqueeze(-1) * values, dim=1)
+        den = torch.cumsum(w, dim=1).unsqueeze(-1).clamp(min=1e-12)
+        return num / den
+
+    # -- fusion -----------------------------------------------------------------------------------
+    def fuse(self, s: Tensor, long: Tensor, gap_f: Tensor, count_f: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (user vector, gate). Gate is 1 where the short-term side decides."""
+        if self.cfg.mode == "short":
+            return s, torch.ones_like(s)
+        if self.cfg.mode == "long":
+            return long, torch.zeros_like(long)
+        g = torch.sigmoid(self.gate(torch.cat([s, long, gap_f.unsqueeze(-1), count_f.unsqueeze(-1)], -1)))
+        return g * s + (1 - g) * long, g
+
+    def user_states(self, items: Tensor, etypes: Tensor, ts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """User vectors after every position [B, L, dim], gates, and the item vectors used."""
+        item_vecs = self.item_vectors()
+        s = self.short_states(item_vecs, items, etypes, ts)
+        long = self.long_states(items, etypes)
+        gaps = torch.zeros_like(ts)
+        gaps[:, 1:] = ts[:, 1:] - ts[:, :-1]
+        counts = torch.arange(1, items.shape[1] + 1, device=items.device).expand_as(items)
+        u, g = self.fuse(s, long, gap_feature(gaps), count_feature(counts))
+        return u, g, item_vecs
+
+    def loss(self, items: Tensor, etypes: Tensor, ts: Tensor) -> Tensor:
+        """Full-softmax cross-entropy of the next item at every position (padding ignored)."""
+        u, _, item_vecs = self.user_states(items[:, :-1], etypes[:, :-1], ts[:, :-1])
+        logits = u @ item_vecs.T
+        logits[..., 0] = -1e9
+        target = items[:, 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=0)
+
+    @torch.no_grad()
+    def final_states(self, items: Tensor, etypes: Tensor, ts: Tensor, lengths: Tensor):
+        """User vector, gate and long-term vector after each sequence's last real event."""
+        u, g, _ = self.user_states(items, etypes, ts)
+        idx = (lengths - 1).clamp(min=0)
+        rows = torch.arange(items.shape[0], device=items.device)
+        return u[rows, idx], g[rows, idx]
+
+    @torch.no_grad()
+    def long_term_vectors(self, items: Tensor, etypes: Tensor, lengths: Tensor) -> Tensor:
+        """The nightly long-term vector: pooling over the whole (right-padded) history."""
+        long = self.long_states(items, etypes)
+        rows = torch.arange(items.shape[0], device=items.device)
+        out = long[rows, (lengths - 1).clamp(min=0)]
+        empty = lengths == 0
+        if empty.any():
+            out[empty] = self.long_default
+        return out

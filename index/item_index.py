@@ -1,0 +1,120 @@
+"""Inner-product item index over FAISS: build, save, load, batched top-K with per-query exclusions.
+
+A thin wrapper in the spirit of faiss/contrib: an explicit factory string ("Flat" for exact search,
+"IVF1024,Flat" or "HNSW32" for large catalogues), ids are the model's item codes, and the GPU is
+used when faiss-gpu sees one (`StandardGpuResources`), else exact torch-CUDA top-k, else faiss-cpu.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("lsti.index")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine, best first."""
+    out = []
+    faiss = _faiss()
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        out.append("faiss-gpu")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out.append("torch-cuda")
+    except ImportError:  # pragma: no cover
+        pass
+    out.append("faiss-cpu")
+    return out
+
+
+class ItemIndex:
+    """Top-K by inner product; `search` over-fetches to honour exclusions (the user's recent items)."""
+
+    def __init__(self, cpu_index, backend: str = "auto"):
+        faiss = _faiss()
+        self.cpu_index = cpu_index
+        self.dim = int(cpu_index.d)
+        self.backend = available_backends()[0] if backend == "auto" else backend
+        self._gpu_index = None
+        self._torch = None
+        self._attach_backend()
+        # Batched exact search uses BLAS only above this many queries; micro-batches are small.
+        faiss.cvar.distance_compute_blas_threshold = 16
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", backend: str = "auto") -> ItemIndex:
+        """Index `vectors` under `ids` (the model's item codes) with an explicit FAISS factory string."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        inner = faiss.index_factory(int(vectors.shape[1]), factory, faiss.METRIC_INNER_PRODUCT)
+        if not inner.is_trained:
+            inner.train(vectors)
+        mapped = faiss.IndexIDMap2(inner)
+        mapped.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        return cls(mapped, backend)
+
+    @classmethod
+    def load(cls, path: Path, backend: str = "auto") -> ItemIndex:
+        return cls(_faiss().read_index(str(path)), backend)
+
+    def save(self, path: Path) -> None:
+        _faiss().write_index(self.cpu_index, str(path))
+
+    def _attach_backend(self) -> None:
+        faiss = _faiss()
+        if self.backend == "faiss-gpu":
+            self._gpu_res = faiss.StandardGpuResources()
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.cpu_index)
+        elif self.backend == "torch-cuda":
+            import torch
+
+            vectors = self.cpu_index.index.reconstruct_n(0, self.cpu_index.ntotal)  # exact only for Flat
+            ids = faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)
+            self._torch = (torch.from_numpy(vectors).cuda(), torch.from_numpy(ids).cuda())
+
+    def __len__(self) -> int:
+        return int(self.cpu_index.ntotal)
+
+    def raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self))
+        if self._torch is not None:
+            import torch
+
+            vecs, ids = self._torch
+            scores, pos = torch.topk(torch.from_numpy(q).cuda() @ vecs.T, k, dim=1)
+            return scores.cpu().numpy(), ids[pos].cpu().numpy()
+        index = self._gpu_index if self._gpu_index is not None else self.cpu_index
+        return index.search(q, k)
+
+    def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None):
+        """(scores [B,k], ids [B,k]) with each row's `exclude` ids removed; -1 pads short rows."""
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        scores, ids = self.raw_search(queries, k + extra)
+        if not extra:
+            return scores[:, :k], ids[:, :k]
+        out_s = np.full((len(ids), k), -np.inf, np.float32)
+        out_i = np.full((len(ids), k), -1, np.int64)
+        for r in range(len(ids)):
+            keep = ~np.isin(ids[r], exclude[r]) & (ids[r] >= 0)
+            row_i, row_s = ids[r][keep][:k], scores[r][keep][:k]
+            out_i[r, : len(row_i)] = row_i
+            out_s[r, : len(row_s)] = row_s
+        return out_s, out_i
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add items (new catalogue entries between nightly rebuilds)."""
+        self.cpu_index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                    np.ascontiguousarray(ids, dtype=np.int64))
+        self._attach_backend()

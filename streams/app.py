@@ -1,0 +1,142 @@
+"""The Faust app: topics, tables and agents declared in one place, around a `Recommender`.
+
+Agents stay small: parse + dead-letter, then hand a micro-batch per partition to the model object.
+
+Why `in_partition`: Faust's table get/set and its RocksDB store pick the partition from the
+*current event*. With `take_events` the current event is the last of the batch, which may belong to
+another partition; writes would land in the wrong changelog partition and RocksDB shard. So each
+partition's slice of the batch runs with one of its own events made current.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+import weakref
+from collections import defaultdict
+
+import faust
+from faust.streams import _current_event
+
+from streams.artifacts import load_artifact
+from streams.config import WorkerSettings
+from streams.events import BadEvent, parse_event
+from streams.metrics import Metrics
+from streams.recommender import Incoming, Recommender
+
+log = logging.getLogger("lsti.worker")
+
+
+@contextlib.contextmanager
+def in_partition(event):
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def dead_letter(value: bytes | None, key: bytes | None, reason: str, topic: str, partition: int,
+                offset: int) -> bytes:
+    return json.dumps({
+        "reason": reason,
+        "original_b64": base64.b64encode(value or b"").decode(),
+        "original_key_b64": base64.b64encode(key).decode() if key is not None else None,
+        "topic": topic, "partition": partition, "offset": offset, "ts": time.time(),
+    }).encode()
+
+
+def create_app(s: WorkerSettings) -> faust.App:
+    artifact = load_artifact(s.artifact)
+    recommender = Recommender(artifact, k=s.k)
+    metrics = Metrics()
+    log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
+             artifact.model.cfg.dim, artifact.index.backend)
+
+    app = faust.App(
+        s.app_id,
+        broker=f"kafka://{s.bootstrap}",
+        store="rocksdb://",
+        datadir=str(s.data_dir),
+        topic_partitions=s.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=s.session_timeout,
+        broker_heartbeat_interval=s.heartbeat,
+        producer_linger_ms=s.producer_linger_ms,
+        web_port=s.web_port,
+        web_bind=s.web_bind,
+        web_host=s.web_bind,
+        table_standby_replicas=0,
+        **s.security,
+    )
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    events = app.topic(s.topics.events, partitions=s.partitions, **raw)
+    recommendations = app.topic(s.topics.recommendations, partitions=s.partitions, **raw)
+    dlq = app.topic(s.topics.dlq, partitions=1, **raw)
+    long_term_topic = app.topic(s.topics.long_term, partitions=s.partitions, **raw)
+    short_term = app.Table("short-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    long_term = app.Table("long-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
+
+    @app.agent(long_term_topic)
+    async def store_long_term(stream):
+        """Nightly long-term vectors arrive keyed by user, co-partitioned with `events`."""
+        async for event in stream.events():
+            if event.key is not None and event.value is not None:
+                long_term[event.key] = event.value
+                metrics.long_term_loaded += 1
+
+    @app.agent(events)
+    async def recommend(stream):
+        async for batch in stream.take_events(s.batch_max, within=s.batch_within):
+            started = time.perf_counter()
+            metrics.consumed += len(batch)
+            by_partition: dict[int, list] = defaultdict(list)
+            for ev in batch:
+                msg = ev.message
+                try:
+                    parsed = parse_event(ev.value, ev.key)
+                except BadEvent as exc:
+                    await dlq.send(value=dead_letter(ev.value, ev.key, str(exc), msg.topic, msg.partition,
+                                                     msg.offset))
+                    metrics.dead_lettered += 1
+                    continue
+                by_partition[msg.partition].append(
+                    (ev, Incoming(parsed, msg.partition, msg.offset, ev.value, ev.key)))
+            for group in by_partition.values():
+                with in_partition(group[-1][0]):
+                    incs = [inc for _, inc in group]
+                    users = {inc.event.user_id for inc in incs}
+                    states = {u: short_term.get(u.encode()) for u in users}
+                    longs = {u: long_term.get(u.encode()) for u in users}
+                    res = recommender.process(incs, states, longs)
+                    for u, value in res.states.items():
+                        short_term[u.encode()] = value
+                for inc, reason in res.dead:
+                    await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
+                                                     inc.offset))
+                for u, out in res.outputs:
+                    await recommendations.send(key=u.encode(), value=out)
+                metrics.applied += len(res.outputs)
+                metrics.duplicates += res.duplicates
+                metrics.dead_lettered += len(res.dead)
+                metrics.resets += res.resets
+            metrics.observe_batch(batch, time.perf_counter() - started)
+
+    @app.timer(interval=5.0)
+    async def report():
+        metrics.log_progress(log)
+
+    @app.page("/health")
+    async def health(web, request):
+        return web.json({"status": "ok", "model_version": recommender.version, **metrics.counts()})
+
+    @app.page("/metrics")
+    async def prometheus(web, request):
+        return web.text(metrics.prometheus(), content_type="text/plain")
+
+    app.lsti_metrics = metrics  # type: ignore[attr-defined]
+    return app

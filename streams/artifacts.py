@@ -1,0 +1,128 @@
+"""Versioned model artifacts: `artifacts/<version>/{manifest.json, model.pt, items.json, index.faiss,
+long_term.npy, users.json}`. The manifest holds sha256 checksums; a folder whose files do not match
+is refused. `CURRENT` names the live version and is replaced atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoders.model import LSTIConfig, LSTIModel
+from encoders.online import OnlineModel
+from index import ItemIndex
+
+FILES = ("model.pt", "items.json", "index.faiss", "long_term.npy", "users.json")
+
+
+def default_artifacts_dir() -> Path:
+    env = os.environ.get("LSTI_ARTIFACTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class BadArtifact(RuntimeError):
+    """Checksum mismatch, missing file or wrong dimension: never goes live."""
+
+
+def write_artifact(root: Path, version: str, model: LSTIModel, item_ids: list[str], index: ItemIndex,
+                   long_users: list[str], long_vectors: np.ndarray, meta: dict) -> Path:
+    """Write into a temp folder, checksum, then rename into place: a half-written version never exists."""
+    final = root / version
+    tmp = root / f".{version}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=False)
+    torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp / "model.pt")
+    (tmp / "items.json").write_text(json.dumps({"item_ids": item_ids}))
+    index.save(tmp / "index.faiss")
+    np.save(tmp / "long_term.npy", np.asarray(long_vectors, np.float32))
+    (tmp / "users.json").write_text(json.dumps(long_users))
+    manifest = {
+        "version": version,
+        "created": time.time(),
+        "code_version": code_version(),
+        "dim": model.cfg.dim,
+        "n_items": model.cfg.n_items,
+        "model": model.cfg.to_dict(),
+        "files": {name: sha256(tmp / name) for name in FILES},
+        **meta,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, final)
+    return final
+
+
+def set_current(root: Path, version: str) -> None:
+    tmp = root / f".CURRENT.tmp{os.getpid()}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, root / "CURRENT")
+
+
+def current_version(root: Path) -> str | None:
+    p = root / "CURRENT"
+    return p.read_text().strip() if p.exists() else None
+
+
+@dataclass
+class Artifact:
+    path: Path
+    version: str
+    manifest: dict
+    model: LSTIModel
+    online: OnlineModel
+    item_ids: list[str]
+    index: ItemIndex
+
+    def long_term(self) -> tuple[list[str], np.ndarray]:
+        users = json.loads((self.path / "users.json").read_text())
+        return users, np.load(self.path / "long_term.npy")
+
+
+def verify_artifact(path: Path) -> dict:
+    """Return the manifest if every file matches its checksum, else raise BadArtifact."""
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+        raise BadArtifact(f"{path}: no manifest.json")
+    manifest = json.loads(mpath.read_text())
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise BadArtifact(f"{path}: missing {name}")
+        if sha256(f) != digest:
+            raise BadArtifact(f"{path}: checksum mismatch for {name}")
+    return manifest
+
+
+def load_artifact(path: Path, index_backend: str = "auto") -> Artifact:
+    manifest = verify_artifact(path)
+    blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    cfg = LSTIConfig(**blob["config"])
+    model = LSTIModel(cfg, blob["state_dict"]["text"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    index = ItemIndex.load(path / "index.faiss", backend=index_backend)
+    if index.dim != cfg.dim or manifest.get("dim") != cfg.dim:
+        raise BadArtifact(f"{path}: index dimension {index.dim} != model dimension {cfg.dim}")
+    item_ids = json.loads((path / "items.json").read_text())["item_ids"]
+    return Artifact(path, manifest["version"], manifest, model, OnlineModel(model), item_ids, index)

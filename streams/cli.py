@@ -1,0 +1,258 @@
+"""`lsti`: one command, one subcommand per job. Every Kafka command takes --bootstrap / LSTI_BOOTSTRAP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from streams.config import state_home
+
+DEFAULT_DATA = "default: $LSTI_DATA or ../shared/data beside the checkout"
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    """--bootstrap, else LSTI_BOOTSTRAP, else a broker already started by `lsti broker`."""
+    from streams.broker import find_running_broker
+
+    if getattr(args, "bootstrap", None):
+        return args.bootstrap
+    if os.environ.get("LSTI_BOOTSTRAP"):
+        return os.environ["LSTI_BOOTSTRAP"]
+    found = find_running_broker(state_home() / "kafka")
+    if found:
+        return found
+    sys.exit("error: no Kafka to talk to. Start one with `lsti broker` (embedded Apache Kafka) in another "
+             "terminal, or pass --bootstrap HOST:PORT / set LSTI_BOOTSTRAP.")
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", help="Kafka bootstrap HOST:PORT (env LSTI_BOOTSTRAP; default: the broker "
+                   "started by `lsti broker`)")
+
+
+def _add_data(p: argparse.ArgumentParser, default_dataset: str | None = "ml-1m") -> None:
+    p.add_argument("--dataset", default=default_dataset, choices=["ml-1m", "taobao", "amazon-mi"],
+                   help=f"shared dataset to use (default {default_dataset})")
+    p.add_argument("--data-dir", type=Path, help=f"folder holding the datasets ({DEFAULT_DATA})")
+    p.add_argument("--events", type=Path, help="generic events file (CSV/JSONL: user_id,item_id,event_type,ts)")
+    p.add_argument("--items", type=Path, help="generic items file (CSV/JSONL: item_id,text)")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping on validation)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    p.add_argument("--dim", type=int, default=64, help="embedding size")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+
+
+def _train_cfgs(args: argparse.Namespace, seed: int = 0):
+    from encoders.train import TrainConfig
+
+    return (TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                        device=args.device, max_minutes=args.max_minutes), {"dim": args.dim})
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streams.broker import main_broker
+
+    return main_broker(args.data_dir or state_home() / "kafka", port=args.port, heap_mb=args.heap_mb)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streams.artifacts import default_artifacts_dir
+    from streams.build import find_artifact
+    from streams.config import Topics, WorkerSettings
+    from streams.worker import run_worker
+
+    artifact = args.artifact or find_artifact(default_artifacts_dir())
+    if artifact is None:
+        sys.exit("error: no model artifact: train one with `lsti train` or pass --artifact DIR")
+    s = WorkerSettings.from_env(bootstrap=_bootstrap(args), artifact=Path(artifact), data_dir=args.data_dir,
+                                app_id=args.app_id, topics=Topics.with_prefix(args.topic_prefix),
+                                partitions=args.partitions, k=args.k, batch_max=args.batch_max,
+                                batch_within=args.batch_within, web_port=args.web_port, loglevel=args.loglevel)
+    return run_worker(s)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from streams.kafka_tools import publish, read_event_log
+
+    n = publish(_bootstrap(args), read_event_log(args.file), topic=args.topic, rate=args.rate,
+                progress=not args.quiet)
+    print(f"published {n} events to {args.topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from streams.kafka_tools import consume
+
+    try:
+        for key, value in consume(_bootstrap(args), args.topic, from_beginning=args.from_beginning,
+                                  max_messages=args.max, timeout_s=args.timeout, group=args.group):
+            sys.stdout.write(value.decode(errors="replace") + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.kafka_tools import publish, read_event_log, sort_by_time
+
+    records = sort_by_time(read_event_log(args.file))
+    n = publish(_bootstrap(args), records, topic=args.topic, rate=args.rate, total=len(records),
+                progress=not args.quiet, desc="replay")
+    print(f"replayed {n} events in event-time order to {args.topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from streams.build import build
+
+    tcfg, mcfg = _train_cfgs(args)
+    path = build(args.dataset, args.data_dir, args.events, args.items, mode=args.model, train_cfg=tcfg,
+                 model_cfg=mcfg, root=args.out)
+    print(json.dumps(json.loads((path / "manifest.json").read_text())["test_metrics"]))
+    print(f"artifact: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from encoders.data import load_dataset
+    from encoders.evaluate import PROTOCOL, aggregate, run_model, text_vectors_for
+    from encoders.split import LeaveOneOut
+
+    data = load_dataset(args.dataset, args.data_dir, args.events, args.items)
+    split = LeaveOneOut(data)
+    runs = []
+    model = None
+    if args.artifact:
+        from streams.artifacts import load_artifact
+
+        art = load_artifact(Path(args.artifact))
+        if art.model.cfg.n_items != data.n_items or art.model.cfg.mode != args.model:
+            sys.exit("error: --artifact was built from other data or another model mode")
+        model = art.model
+    tv = text_vectors_for(data, progress=not args.quiet) if args.model != "pop" and model is None else None
+    seeds = [0] if model is not None or args.model == "pop" else list(range(args.seeds))
+    for seed in seeds:
+        tcfg, mcfg = _train_cfgs(args, seed)
+        runs.append(run_model(args.model, split, seed, tcfg, mcfg, progress=not args.quiet, text_vectors=tv,
+                              model=model))
+    out = {
+        "dataset": data.name, "model": args.model, "protocol": PROTOCOL, "seeds": seeds,
+        "users": runs[0]["test"]["users"], "n_items": data.n_items, "n_events": int(len(data.items)),
+        **aggregate(runs), "train_seconds": [r["train_seconds"] for r in runs], "runs": runs,
+    }
+    text = json.dumps(out, indent=None if args.json else 2)
+    if args.json:
+        print(text)
+    else:
+        print(f"{data.name} {args.model}: NDCG@10 {out['ndcg@10']:.4f} HR@10 {out['hr@10']:.4f} "
+              f"NDCG@20 {out['ndcg@20']:.4f} HR@20 {out['hr@20']:.4f} over {out['users']} users")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsti", description="LSTI: real-time recommendations from long-term (BERT) "
+                                "and short-term (LSTM) interests over Kafka.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("broker", help="run the embedded Apache Kafka (KRaft, one node) in the foreground")
+    b.add_argument("--data-dir", type=Path, help="broker data folder (default .lsti/kafka)")
+    b.add_argument("--port", type=int, help="PLAINTEXT port (default: a free loopback port)")
+    b.add_argument("--heap-mb", type=int, default=384, help="JVM heap (default 384)")
+    b.set_defaults(func=cmd_broker)
+
+    r = sub.add_parser("run", help="run a stream worker (Faust) on the events topic")
+    _add_bootstrap(r)
+    r.add_argument("--artifact", type=Path, help="model artifact folder (default: artifacts/CURRENT)")
+    r.add_argument("--data-dir", type=Path, help="worker state folder for RocksDB (default .lsti/worker)")
+    r.add_argument("--partitions", type=int, default=4, help="partitions of the events topic (default 4)")
+    r.add_argument("-k", type=int, default=10, help="items per recommendation (default 10)")
+    r.add_argument("--batch-max", type=int, help="micro-batch size (default 500)")
+    r.add_argument("--batch-within", type=float, help="micro-batch wait in seconds (default 0.01)")
+    r.add_argument("--web-port", type=int, default=0, help="port of /health and /metrics (default: free port)")
+    r.add_argument("--app-id", default="lsti", help="Faust app id = consumer group and table prefix")
+    r.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
+    r.add_argument("--loglevel", default="info")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the whole path once: broker, model, index, worker, replay, recommendations")
+    _add_bootstrap(d)
+    _add_data(d)
+    _add_train(d)
+    d.set_defaults(epochs=40, max_minutes=4.0)
+    d.add_argument("--users", type=int, default=200, help="replay the full histories of this many users")
+    d.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
+    d.add_argument("--show", type=int, default=5, help="recommendations to print as they arrive")
+    d.add_argument("--retrain", action="store_true", help="train a new model even if one exists")
+    d.set_defaults(func=cmd_demo)
+
+    pub = sub.add_parser("publish", help="publish events (JSONL/CSV file, or - for JSONL on stdin)")
+    _add_bootstrap(pub)
+    pub.add_argument("file", help="events file or -")
+    pub.add_argument("--topic", default="events")
+    pub.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
+    pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pub.set_defaults(func=cmd_publish)
+
+    con = sub.add_parser("consume", help="print recommendations (JSON lines) as they arrive")
+    _add_bootstrap(con)
+    con.add_argument("--topic", default="recommendations", help="topic (recommendations, events-dlq, ...)")
+    con.add_argument("--from-beginning", action="store_true")
+    con.add_argument("--max", type=int, help="stop after this many messages")
+    con.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    con.add_argument("--group", help="consumer group (default: none, nothing committed)")
+    con.set_defaults(func=cmd_consume)
+
+    rep = sub.add_parser("replay", help="replay an event log (JSONL/CSV, plain or .gz) in event-time order")
+    _add_bootstrap(rep)
+    rep.add_argument("file")
+    rep.add_argument("--topic", default="events")
+    rep.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
+    rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=cmd_replay)
+
+    t = sub.add_parser("train", help="train a model and write a versioned artifact (weights, index, vectors)")
+    _add_data(t)
+    _add_train(t)
+    t.add_argument("--model", default="fused", choices=["fused", "short", "long"])
+    t.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="leave-one-out, full-ranking evaluation of one model on one dataset")
+    _add_data(e)
+    _add_train(e)
+    e.add_argument("--model", default="fused", choices=["pop", "fused", "short", "long"])
+    e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
+    e.add_argument("--artifact", type=Path, help="evaluate this trained artifact instead of training")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

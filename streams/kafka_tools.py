@@ -1,0 +1,151 @@
+"""Command-line side of Kafka with kafka-python: create topics, publish, consume, replay logs.
+
+Workers use Faust's aiokafka; these tools are plain synchronous clients a user can script.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from streams.config import Topics
+from streams.events import event_json
+
+log = logging.getLogger("lsti.kafka")
+
+
+def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = None) -> None:
+    """Create the contract topics if missing (events and its co-partitioned long-term topic alike)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    t = topics or Topics()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lsti-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [NewTopic(t.events, partitions, 1), NewTopic(t.recommendations, partitions, 1),
+                  NewTopic(t.dlq, 1, 1), NewTopic(t.long_term, partitions, 1)]
+        new = [n for n in wanted if n.name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics %s", ", ".join(n.name for n in new))
+    finally:
+        admin.close()
+
+
+def producer(bootstrap: str, linger_ms: int = 5):
+    from kafka import KafkaProducer
+
+    return KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, batch_size=256 * 1024,
+                         acks=1, max_in_flight_requests_per_connection=1, retries=5)
+
+
+def _open(path: Path) -> io.TextIOBase:
+    if str(path).endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_event_log(path: str | Path) -> Iterator[dict]:
+    """Events from JSONL or CSV (header `user_id,item_id,event_type,ts[,event_id]`), plain or gzip;
+    '-' reads JSONL from stdin."""
+    import csv
+
+    if str(path) == "-":
+        for line in sys.stdin:
+            if line.strip():
+                yield json.loads(line)
+        return
+    name = str(path).removesuffix(".gz")
+    with _open(Path(path)) as f:
+        if name.endswith(".csv"):
+            yield from csv.DictReader(f)
+        else:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def normalise(rec: dict) -> bytes:
+    """A log record as contract JSON; a missing event_id gets a stable one from its content."""
+    ts = float(rec["ts"])
+    ts = int(ts) if ts.is_integer() else ts
+    eid = rec.get("event_id") or uuid.uuid5(
+        uuid.NAMESPACE_OID, f"{rec['user_id']}|{rec['item_id']}|{rec['event_type']}|{rec['ts']}").hex
+    return event_json(str(eid), str(rec["user_id"]), str(rec["item_id"]), str(rec["event_type"]), ts)
+
+
+def publish(bootstrap: str, records: Iterable[dict], topic: str = "events", rate: float | None = None,
+            progress: bool = True, total: int | None = None, desc: str = "publish") -> int:
+    """Send records keyed by user_id; `rate` events/s (None = as fast as possible)."""
+    from tqdm import tqdm
+
+    prod = producer(bootstrap)
+    sent = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="ev", disable=not progress, mininterval=0.5)
+    try:
+        for rec in records:
+            prod.send(topic, key=str(rec["user_id"]).encode(), value=normalise(rec))
+            sent += 1
+            if rate:
+                ahead = sent / rate - (time.perf_counter() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if sent % 256 == 0:
+                bar.update(256)
+        bar.update(sent % 256)
+        prod.flush()
+    finally:
+        bar.close()
+        prod.close()
+    return sent
+
+
+def publish_raw(bootstrap: str, messages: Iterable[tuple[bytes | None, bytes | None]], topic: str) -> int:
+    """Send (key, value) byte pairs untouched: for tests and for loading long-term vectors."""
+    prod = producer(bootstrap)
+    n = 0
+    for key, value in messages:
+        prod.send(topic, key=key, value=value)
+        n += 1
+    prod.flush()
+    prod.close()
+    return n
+
+
+def consume(bootstrap: str, topic: str = "recommendations", from_beginning: bool = False,
+            max_messages: int | None = None, timeout_s: float | None = None,
+            group: str | None = None) -> Iterator[tuple[bytes | None, bytes]]:
+    """Yield (key, value) until `max_messages` or `timeout_s` of silence (None = forever)."""
+    from kafka import KafkaConsumer
+
+    cons = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                         auto_offset_reset="earliest" if from_beginning else "latest",
+                         enable_auto_commit=group is not None, consumer_timeout_ms=int((timeout_s or 0) * 1000) or
+                         float("inf"), fetch_max_wait_ms=50)
+    n = 0
+    try:
+        for msg in cons:
+            yield msg.key, msg.value
+            n += 1
+            if max_messages is not None and n >= max_messages:
+                return
+    finally:
+        cons.close()
+
+
+def sort_by_time(records: Iterable[dict]) -> list[dict]:
+    """Event-time order (stable, so same-second events keep their log order)."""
+    return sorted(records, key=lambda r: float(r["ts"]))

@@ -1,0 +1,86 @@
+"""Per-user short-term state as compact bytes: one place encodes and decodes it.
+
+Layout (little endian):
+  header  <BBHIiqdI = format, n_recent, reserved, model tag, last partition, last offset,
+                      last event ts, event count  (32 bytes)
+  h, c    dim float32 each
+  recent  RECENT int32 item codes, most recent last, 0 = empty
+A state written by another model (tag mismatch) is reset, with a log line, never reused silently.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = 1
+RECENT = 10
+HEADER = struct.Struct("<BBHIiqdI")
+
+
+def model_tag(model_version: str) -> int:
+    return zlib.crc32(model_version.encode()) & 0xFFFFFFFF
+
+
+@dataclass
+class StateBatch:
+    """Decoded states of B users as arrays (new users: zeros, partition/offset -1)."""
+
+    h: np.ndarray  # [B, dim] float32
+    c: np.ndarray  # [B, dim] float32
+    recent: np.ndarray  # [B, RECENT] int32
+    last_partition: np.ndarray  # [B] int32
+    last_offset: np.ndarray  # [B] int64
+    last_ts: np.ndarray  # [B] float64
+    count: np.ndarray  # [B] int64
+    reset: int = 0  # how many states were dropped for a model mismatch
+
+
+class StateCodec:
+    def __init__(self, dim: int, model_version: str):
+        self.dim = dim
+        self.tag = model_tag(model_version)
+        self.size = HEADER.size + 8 * dim + 4 * RECENT
+
+    def empty(self, n: int) -> StateBatch:
+        return StateBatch(
+            h=np.zeros((n, self.dim), np.float32), c=np.zeros((n, self.dim), np.float32),
+            recent=np.zeros((n, RECENT), np.int32), last_partition=np.full(n, -1, np.int32),
+            last_offset=np.full(n, -1, np.int64), last_ts=np.zeros(n, np.float64), count=np.zeros(n, np.int64))
+
+    def decode(self, values: list[bytes | None]) -> StateBatch:
+        out = self.empty(len(values))
+        d = self.dim
+        for r, v in enumerate(values):
+            if v is None:
+                continue
+            fmt, _n, _res, tag, part, off, ts, count = HEADER.unpack_from(v, 0)
+            if fmt != FORMAT or tag != self.tag or len(v) != self.size:
+                out.reset += 1
+                continue
+            body = np.frombuffer(v, np.float32, 2 * d, HEADER.size)
+            out.h[r], out.c[r] = body[:d], body[d:]
+            out.recent[r] = np.frombuffer(v, np.int32, RECENT, HEADER.size + 8 * d)
+            out.last_partition[r], out.last_offset[r], out.last_ts[r], out.count[r] = part, off, ts, count
+        return out
+
+    def encode_one(self, s: StateBatch, r: int) -> bytes:
+        head = HEADER.pack(FORMAT, RECENT, 0, self.tag, int(s.last_partition[r]), int(s.last_offset[r]),
+                           float(s.last_ts[r]), int(s.count[r]))
+        return head + s.h[r].tobytes() + s.c[r].tobytes() + s.recent[r].tobytes()
+
+
+def encode_vector(vec: np.ndarray) -> bytes:
+    """Long-term vectors travel and rest as raw float32 bytes."""
+    return np.asarray(vec, np.float32).tobytes()
+
+
+def decode_vectors(values: list[bytes | None], dim: int, default: np.ndarray) -> np.ndarray:
+    out = np.tile(np.asarray(default, np.float32), (len(values), 1))
+    for r, v in enumerate(values):
+        if v is not None and len(v) == 4 * dim:
+            out[r] = np.frombuffer(v, np.float32)
+    return out

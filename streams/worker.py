@@ -1,0 +1,94 @@
+"""Run one Faust worker process (what `lsti run` does), and start/stop worker subprocesses for the
+demo, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from streams.config import REPO, WorkerSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_worker(s: WorkerSettings) -> int:
+    """Blocking: create topics, build the app, hand control to Faust until SIGINT/SIGTERM."""
+    import faust
+
+    from streams.app import create_app
+    from streams.kafka_tools import ensure_topics
+
+    logging.basicConfig(level=s.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not s.web_port:
+        s.web_port = free_port()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(s.bootstrap, s.partitions, s.topics)
+    app = create_app(s)
+    worker = faust.Worker(app, loglevel=s.loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+class WorkerProcess:
+    """A real `lsti run` worker in a subprocess (own process group, log to a file)."""
+
+    def __init__(self, bootstrap: str, artifact: Path, data_dir: Path, log_path: Path | None = None,
+                 web_port: int | None = None, extra: list[str] | None = None, env: dict | None = None):
+        self.web_port = web_port or free_port()
+        self.data_dir = Path(data_dir)
+        self.log_path = log_path or self.data_dir.with_suffix(".log")
+        self.cmd = [sys.executable, "-m", "streams.cli", "run", "--bootstrap", bootstrap, "--artifact",
+                    str(artifact), "--data-dir", str(data_dir), "--web-port", str(self.web_port), *(extra or [])]
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=str(REPO), start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Ready = the agent has partitions assigned (Faust logs its assignment table)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
+            text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            if "Ready" in text or "Worker ready" in text:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout}s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, no clean shutdown: for fault-injection tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
