@@ -44,7 +44,8 @@ class OnlineModel:
              first.astype(np.float32)[:, None]], axis=1)
         z = x @ self.w_ih + h @ self.w_hh + self.b
         d = self.dim
-        i, f, g, o = _sigmoid(z[:, :d]), _sigmoid(z[:, d : 2 * d]), np.tanh(z[:, 2 * d : 3 * d]), _sigmoid(z[:, 3 * d :])
+        i, f, o = _sigmoid(z[:, :d]), _sigmoid(z[:, d : 2 * d]), _sigmoid(z[:, 3 * d :])
+        g = np.tanh(z[:, 2 * d : 3 * d])
         c = f * c + i * g
         h = o * np.tanh(c)
         return h.astype(np.float32), c.astype(np.float32)

@@ -93,7 +93,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from streams.kafka_tools import consume
 
     try:
-        for key, value in consume(_bootstrap(args), args.topic, from_beginning=args.from_beginning,
+        for _key, value in consume(_bootstrap(args), args.topic, from_beginning=args.from_beginning,
                                   max_messages=args.max, timeout_s=args.timeout, group=args.group):
             sys.stdout.write(value.decode(errors="replace") + "\n")
             sys.stdout.flush()

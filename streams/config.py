@@ -55,6 +55,7 @@ class WorkerSettings:
             data_dir=Path(env.get("LSTI_WORKER_DIR", state_home() / "worker")),
             batch_max=int(env.get("LSTI_BATCH_MAX", 500)),
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
+            session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

@@ -10,39 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 import time
 import uuid
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 
 from streams.config import Topics, state_home
-
-
-class Collector(threading.Thread):
-    """Reads a topic from its current end (positions fixed before anything is published)."""
-
-    def __init__(self, bootstrap: str, topic: str):
-        super().__init__(daemon=True)
-        from kafka import KafkaConsumer, TopicPartition
-
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
-        parts = self.consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in parts]
-        self.consumer.assign(tps)
-        self.consumer.seek_to_end(*tps)
-        for tp in tps:
-            self.consumer.position(tp)  # resolve now, not lazily after we publish
-        self.records: list[tuple[int, bytes]] = []  # (broker timestamp ms, value)
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            for batch in self.consumer.poll(timeout_ms=100).values():
-                self.records.extend((m.timestamp, m.value) for m in batch)
-        self.consumer.close()
 
 
 def _pick_users(data, n: int, seed: int = 7) -> np.ndarray:
@@ -75,7 +49,7 @@ def run_demo(args: Namespace) -> int:
     from streams.broker import EmbeddedKafka, find_running_broker
     from streams.build import build, find_artifact
     from streams.cli import _train_cfgs
-    from streams.kafka_tools import ensure_topics, producer
+    from streams.kafka_tools import TopicReader, ensure_topics, producer
     from streams.state import encode_vector
     from streams.worker import WorkerProcess
 
@@ -140,8 +114,8 @@ def run_demo(args: Namespace) -> int:
         from encoders.data import EVENT_TYPES
         from streams.events import event_json
 
-        recs = Collector(bootstrap, topics.recommendations)
-        dlq = Collector(bootstrap, topics.dlq)
+        recs = TopicReader(bootstrap, topics.recommendations)
+        dlq = TopicReader(bootstrap, topics.dlq)
         recs.start()
         dlq.start()
         bad = [(b"1", b"{not json"), (b"1", b'{"event_id":"x","user_id":"1","item_id":"1","event_type":"like",'
@@ -166,7 +140,6 @@ def run_demo(args: Namespace) -> int:
                 bar.refresh()
         prod.flush()
         t_published = time.perf_counter() - t0
-        shown = 0
         deadline = time.time() + 120
         while (len(recs.records) < len(events) or len(dlq.records) < len(bad)) and time.time() < deadline:
             bar.n = len(recs.records)

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -149,3 +150,27 @@ def consume(bootstrap: str, topic: str = "recommendations", from_beginning: bool
 def sort_by_time(records: Iterable[dict]) -> list[dict]:
     """Event-time order (stable, so same-second events keep their log order)."""
     return sorted(records, key=lambda r: float(r["ts"]))
+
+
+class TopicReader(threading.Thread):
+    """Reads a topic from its current end (positions fixed before anything is published)."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        parts = self.consumer.partitions_for_topic(topic) or {0}
+        tps = [TopicPartition(topic, p) for p in parts]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            self.consumer.position(tp)  # resolve now, not lazily after we publish
+        self.records: list[tuple[int, bytes]] = []  # (broker timestamp ms, value)
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for batch in self.consumer.poll(timeout_ms=100).values():
+                self.records.extend((m.timestamp, m.value) for m in batch)
+        self.consumer.close()

@@ -1,0 +1,111 @@
+"""Unit tests: the event contract against its JSON Schema, the state codec, the FAISS index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from jsonschema import Draft202012Validator
+
+from index import ItemIndex
+from streams.events import BadEvent, event_json, load_schema, parse_event
+from streams.state import RECENT, StateCodec
+
+GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "event_type": "view", "ts": 1_600_000_000}
+BAD = [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({**GOOD, "event_type": "like"}), "unknown event_type"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "item_id"}), "missing field 'item_id'"),
+    (json.dumps({**GOOD, "ts": "yesterday"}), "must be a number"),
+    (json.dumps({**GOOD, "ts": 12}), "too far in the past"),
+    (json.dumps({**GOOD, "ts": 9_999_999_999}), "in the future"),
+    (json.dumps({**GOOD, "user_id": 1.5}), "must be a string or integer"),
+    (json.dumps({**GOOD, "event_id": ""}), "1..128 characters"),
+]
+
+
+def test_valid_event_parses_and_matches_the_schema():
+    schema = Draft202012Validator(load_schema("event"))
+    raw = event_json("e1", "u1", "i1", "view", 1_600_000_000)
+    assert schema.is_valid(json.loads(raw))
+    ev = parse_event(raw, b"u1")
+    assert (ev.user_id, ev.item_id, ev.event_type, ev.ts) == ("u1", "i1", "view", 1_600_000_000.0)
+    assert parse_event(json.dumps({**GOOD, "user_id": 7}).encode(), b"7").user_id == "7"
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD)
+def test_invalid_events_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(BadEvent, match=reason):
+        parse_event(raw.encode(), b"u1")
+
+
+def test_parser_and_schema_agree_on_schema_level_errors():
+    schema = Draft202012Validator(load_schema("event"))
+    for raw, _ in BAD[2:]:
+        rec = json.loads(raw)
+        if rec.get("ts") == 9_999_999_999:
+            continue  # "a day ahead of the clock" depends on the time of check, not expressible statically
+        assert not schema.is_valid(rec), raw
+
+
+def test_key_must_be_the_user_and_payload_small():
+    with pytest.raises(BadEvent, match="key does not match"):
+        parse_event(json.dumps(GOOD).encode(), b"u2")
+    with pytest.raises(BadEvent, match="missing message key"):
+        parse_event(json.dumps(GOOD).encode(), None)
+    with pytest.raises(BadEvent, match="oversized"):
+        parse_event(json.dumps({**GOOD, "pad": "x" * 5000}).encode(), b"u1")
+
+
+def test_recommendation_schema_accepts_worker_output():
+    schema = Draft202012Validator(load_schema("recommendation"))
+    rec = {"user_id": "u1", "items": [{"item_id": "i1", "score": 1.5}], "gate": 0.3, "event_id": "e1",
+           "model_version": "v1", "ts": 1.0, "event_ts": 1.0}
+    assert schema.is_valid(rec)
+    assert not schema.is_valid({**rec, "gate": 1.5})
+
+
+def test_state_codec_round_trip_and_model_mismatch_resets():
+    codec = StateCodec(8, "v1")
+    st = codec.empty(2)
+    st.h[1], st.c[1] = np.arange(8), -np.arange(8)
+    st.recent[1, -1] = 42
+    st.last_partition[1], st.last_offset[1], st.last_ts[1], st.count[1] = 3, 99, 1.5e9, 7
+    raw = codec.encode_one(st, 1)
+    assert len(raw) == codec.size == 32 + 8 * 8 + 4 * RECENT
+    back = codec.decode([None, raw])
+    np.testing.assert_array_equal(back.h[1], st.h[1])
+    np.testing.assert_array_equal(back.c[1], st.c[1])
+    assert (back.recent[1, -1], back.last_offset[1], back.count[1]) == (42, 99, 7)
+    assert back.last_offset[0] == -1
+    other = StateCodec(8, "v2").decode([raw])
+    assert other.reset == 1 and other.count[0] == 0
+
+
+def test_index_exact_top_k_with_exclusions(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(200, 16)).astype(np.float32)
+    ids = np.arange(1, 201)
+    idx = ItemIndex.build(vecs, ids)
+    q = rng.normal(size=(3, 16)).astype(np.float32)
+    want = np.argsort(-(q @ vecs.T), axis=1)[:, :10] + 1
+    _, got = idx.search(q, 10)
+    np.testing.assert_array_equal(got, want)
+    excl = [want[0, :2], np.array([], np.int64), want[2, :1]]
+    _, got2 = idx.search(q, 10, exclude=excl)
+    assert not set(want[0, :2]) & set(got2[0])
+    np.testing.assert_array_equal(got2[1], want[1])
+    np.testing.assert_array_equal(got2[0][:8], want[0, 2:10])
+    idx.save(tmp_path / "i.faiss")
+    _, got3 = ItemIndex.load(tmp_path / "i.faiss").search(q, 10)
+    np.testing.assert_array_equal(got3, want)
+
+
+def test_index_add_makes_new_items_searchable():
+    vecs = np.eye(4, dtype=np.float32)
+    idx = ItemIndex.build(vecs, np.arange(1, 5))
+    idx.add(np.array([[0, 0, 0, 5.0]], np.float32), np.array([99]))
+    _, got = idx.search(np.array([[0, 0, 0, 1.0]], np.float32), 1)
+    assert got[0, 0] == 99
