@@ -51,7 +51,7 @@ def dead_letter(value: bytes | None, key: bytes | None, reason: str, topic: str,
 
 def create_app(s: WorkerSettings) -> faust.App:
     artifact = load_artifact(s.artifact)
-    recommender = Recommender(artifact, k=s.k)
+    recommender = Recommender(artifact, k=s.k, max_lateness=s.max_lateness)
     metrics = Metrics()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
              artifact.model.cfg.dim, artifact.index.backend)
@@ -113,14 +113,17 @@ def create_app(s: WorkerSettings) -> faust.App:
                     states = {u: short_term.get(u.encode()) for u in users}
                     longs = {u: long_term.get(u.encode()) for u in users}
                     res = recommender.process(incs, states, longs)
+                    # Outputs first, then state: a crash in between re-applies nothing (the state still has
+                    # the old offset, so the events run again from the same state) and at worst repeats
+                    # a recommendation; the state itself is applied exactly once per event.
+                    for u, out in res.outputs:
+                        await recommendations.send(key=u.encode(), value=out)
+                    for inc, reason in res.dead:
+                        await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
+                                                         inc.offset))
                     for u, value in res.states.items():
                         short_term[u.encode()] = value
-                for inc, reason in res.dead:
-                    await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
-                                                     inc.offset))
-                for u, out in res.outputs:
-                    await recommendations.send(key=u.encode(), value=out)
-                metrics.applied += len(res.outputs)
+                metrics.applied += res.applied
                 metrics.duplicates += res.duplicates
                 metrics.dead_lettered += len(res.dead)
                 metrics.resets += res.resets

@@ -60,6 +60,9 @@ def write_artifact(root: Path, version: str, model: LSTIModel, item_ids: list[st
     (tmp / "users.json").write_text(json.dumps(long_users))
     manifest = {
         "version": version,
+        # Short-term states depend on the LSTM weights only: a nightly refresh that keeps the weights
+        # keeps this id, so live users' states survive the swap; a retrain gets a new one.
+        "weights_version": meta.pop("weights_version", version),
         "created": time.time(),
         "code_version": code_version(),
         "dim": model.cfg.dim,
@@ -93,6 +96,10 @@ class Artifact:
     online: OnlineModel
     item_ids: list[str]
     index: ItemIndex
+
+    @property
+    def weights_version(self) -> str:
+        return self.manifest.get("weights_version", self.version)
 
     def long_term(self) -> tuple[list[str], np.ndarray]:
         users = json.loads((self.path / "users.json").read_text())

@@ -407,6 +407,8 @@ class EmbeddedKafka:
             "min.insync.replicas": "1",
             # developer conveniences
             "group.initial.rebalance.delay.ms": "0",
+            # Fast failover in tests and on one machine: clients may ask for sessions down to 1 s.
+            "group.min.session.timeout.ms": "1000",
             "auto.create.topics.enable": "true",
             "delete.topic.enable": "true",
             "num.partitions": "4",

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="leave-one-out, full-ranking evaluation of one model on one dataset")
     _add_data(e)
     _add_train(e)
-    e.add_argument("--model", default="fused", choices=["pop", "fused", "short", "long"])
+    e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
     e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
     e.add_argument("--artifact", type=Path, help="evaluate this trained artifact instead of training")
     e.add_argument("--json", action="store_true", help="print one JSON object")

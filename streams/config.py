@@ -44,6 +44,7 @@ class WorkerSettings:
     heartbeat: float = 1.0
     producer_linger_ms: int = 5
     loglevel: str = "info"
+    max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
     security: dict = field(default_factory=dict)  # SASL/TLS settings passed through to Faust
 
     @classmethod
@@ -56,6 +57,57 @@ class WorkerSettings:
             batch_max=int(env.get("LSTI_BATCH_MAX", 500)),
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
+            max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
+            security=faust_security_from_env(),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+
+def _ssl_context(env) -> object | None:
+    import ssl
+
+    if not (env.get("LSTI_KAFKA_SSL_CAFILE") or env.get("LSTI_KAFKA_SECURITY_PROTOCOL", "").endswith("SSL")):
+        return None
+    ctx = ssl.create_default_context(cafile=env.get("LSTI_KAFKA_SSL_CAFILE") or None)
+    if env.get("LSTI_KAFKA_SSL_CERTFILE"):
+        ctx.load_cert_chain(env["LSTI_KAFKA_SSL_CERTFILE"], env.get("LSTI_KAFKA_SSL_KEYFILE") or None)
+    return ctx
+
+
+def faust_security_from_env() -> dict:
+    """SASL/TLS for the workers from LSTI_KAFKA_* variables (none set: plaintext, as on loopback).
+
+    LSTI_KAFKA_SECURITY_PROTOCOL (SASL_SSL, SASL_PLAINTEXT, SSL), LSTI_KAFKA_SASL_MECHANISM (PLAIN,
+    SCRAM-SHA-256, SCRAM-SHA-512), LSTI_KAFKA_SASL_USERNAME / _PASSWORD, LSTI_KAFKA_SSL_CAFILE,
+    LSTI_KAFKA_SSL_CERTFILE / _KEYFILE.
+    """
+    import faust
+
+    env = os.environ
+    protocol = env.get("LSTI_KAFKA_SECURITY_PROTOCOL", "")
+    ctx = _ssl_context(env)
+    if protocol.startswith("SASL"):
+        return {"broker_credentials": faust.SASLCredentials(
+            username=env.get("LSTI_KAFKA_SASL_USERNAME"), password=env.get("LSTI_KAFKA_SASL_PASSWORD"),
+            mechanism=env.get("LSTI_KAFKA_SASL_MECHANISM", "PLAIN"), ssl_context=ctx)}
+    if ctx is not None:
+        return {"broker_credentials": faust.SSLCredentials(ctx)}
+    return {}
+
+
+def kafka_python_security_from_env() -> dict:
+    """The same LSTI_KAFKA_* settings as keyword arguments of kafka-python clients."""
+    env = os.environ
+    out: dict = {}
+    if env.get("LSTI_KAFKA_SECURITY_PROTOCOL"):
+        out["security_protocol"] = env["LSTI_KAFKA_SECURITY_PROTOCOL"]
+    if env.get("LSTI_KAFKA_SASL_MECHANISM"):
+        out["sasl_mechanism"] = env["LSTI_KAFKA_SASL_MECHANISM"]
+    if env.get("LSTI_KAFKA_SASL_USERNAME"):
+        out["sasl_plain_username"] = env["LSTI_KAFKA_SASL_USERNAME"]
+        out["sasl_plain_password"] = env.get("LSTI_KAFKA_SASL_PASSWORD", "")
+    for key, name in (("ssl_cafile", "CAFILE"), ("ssl_certfile", "CERTFILE"), ("ssl_keyfile", "KEYFILE")):
+        if env.get(f"LSTI_KAFKA_SSL_{name}"):
+            out[key] = env[f"LSTI_KAFKA_SSL_{name}"]
+    return out

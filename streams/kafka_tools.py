@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from streams.config import Topics
+from streams.config import Topics, kafka_python_security_from_env
 from streams.events import event_json
 
 log = logging.getLogger("lsti.kafka")
@@ -29,7 +29,7 @@ def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = N
     from kafka.errors import TopicAlreadyExistsError
 
     t = topics or Topics()
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lsti-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lsti-admin", **kafka_python_security_from_env())
     try:
         existing = set(admin.list_topics())
         wanted = [NewTopic(t.events, partitions, 1), NewTopic(t.recommendations, partitions, 1),
@@ -49,7 +49,8 @@ def producer(bootstrap: str, linger_ms: int = 5):
     from kafka import KafkaProducer
 
     return KafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, batch_size=256 * 1024,
-                         acks=1, max_in_flight_requests_per_connection=1, retries=5)
+                         acks=1, max_in_flight_requests_per_connection=1, retries=5,
+                         **kafka_python_security_from_env())
 
 
 def _open(path: Path) -> io.TextIOBase:
@@ -135,7 +136,7 @@ def consume(bootstrap: str, topic: str = "recommendations", from_beginning: bool
     cons = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
                          auto_offset_reset="earliest" if from_beginning else "latest",
                          enable_auto_commit=group is not None, consumer_timeout_ms=int((timeout_s or 0) * 1000) or
-                         float("inf"), fetch_max_wait_ms=50)
+                         float("inf"), fetch_max_wait_ms=50, **kafka_python_security_from_env())
     n = 0
     try:
         for msg in cons:
@@ -159,7 +160,8 @@ class TopicReader(threading.Thread):
         super().__init__(daemon=True)
         from kafka import KafkaConsumer, TopicPartition
 
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20,
+                                      **kafka_python_security_from_env())
         parts = self.consumer.partitions_for_topic(topic) or {0}
         tps = [TopicPartition(topic, p) for p in parts]
         self.consumer.assign(tps)
@@ -174,3 +176,30 @@ class TopicReader(threading.Thread):
             for batch in self.consumer.poll(timeout_ms=100).values():
                 self.records.extend((m.timestamp, m.value) for m in batch)
         self.consumer.close()
+
+
+def read_compacted(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[bytes, bytes]:
+    """The latest value per key of a topic, read from the beginning to its current end (a table's
+    changelog read this way is the table)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    cons = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **kafka_python_security_from_env())
+    try:
+        tps = [TopicPartition(topic, p) for p in (cons.partitions_for_topic(topic) or [])]
+        if not tps:
+            return {}
+        cons.assign(tps)
+        cons.seek_to_beginning(*tps)
+        end = cons.end_offsets(tps)
+        out: dict[bytes, bytes] = {}
+        deadline = time.time() + timeout_s
+        while any(cons.position(tp) < end[tp] for tp in tps) and time.time() < deadline:
+            for batch in cons.poll(timeout_ms=200).values():
+                for m in batch:
+                    if m.value is None:
+                        out.pop(m.key, None)
+                    else:
+                        out[m.key] = m.value
+        return out
+    finally:
+        cons.close()

@@ -17,7 +17,7 @@ import numpy as np
 from encoders.data import EVENT_CODE
 from streams.artifacts import Artifact
 from streams.events import Event
-from streams.state import RECENT, StateCodec, decode_vectors
+from streams.state import RECENT, StateCodec, decode_vectors, event_id_hash
 
 
 @dataclass
@@ -36,17 +36,19 @@ class BatchResult:
     states: dict[str, bytes] = field(default_factory=dict)  # user -> new state (one write per user)
     outputs: list[tuple[str, bytes]] = field(default_factory=list)  # (user, recommendation JSON)
     dead: list[tuple[Incoming, str]] = field(default_factory=list)
-    duplicates: int = 0
+    applied: int = 0  # events stepped into a state (each has an output)
+    duplicates: int = 0  # redeliveries skipped (each answered again with an output)
     resets: int = 0
 
 
 class Recommender:
-    def __init__(self, artifact: Artifact, k: int = 10):
+    def __init__(self, artifact: Artifact, k: int = 10, max_lateness: float = 0.0):
         self.artifact = artifact
+        self.max_lateness = max_lateness
         self.version = artifact.version
         self.k = k
         self.online = artifact.online
-        self.codec = StateCodec(artifact.model.cfg.dim, artifact.version)
+        self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version)
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
 
@@ -69,6 +71,7 @@ class Recommender:
         long = decode_vectors([longs.get(u) for u in users], self.online.dim, self.online.long_default)
         now = time.time()
         changed = np.zeros(len(users), bool)
+        redelivered: list[tuple[int, Incoming]] = []
         for rnd in range(max(len(v) for v in per_user.values())):
             rows, incs, codes = [], [], []
             for r, u in enumerate(users):
@@ -78,7 +81,21 @@ class Recommender:
                     # Effectively-once: an event at or below the applied offset was applied already.
                     if inc.partition == st.last_partition[r] and inc.offset <= st.last_offset[r]:
                         res.duplicates += 1
+                        redelivered.append((r, inc))
+                        # Rewrite the state anyway: after a crash the local RocksDB can be ahead of the
+                        # changelog; rewriting re-emits it, so a later owner of the partition sees it too.
+                        changed[r] = True
                         continue
+                    eid = event_id_hash(inc.event.event_id)
+                    if eid in st.recent_ids[r]:
+                        res.dead.append((inc, f"duplicate event_id {inc.event.event_id!r}"))
+                        continue
+                    if st.count[r] and inc.event.ts < st.last_ts[r] - self.max_lateness:
+                        res.dead.append((inc, f"stale event: ts {inc.event.ts:.0f} is older than the user's last "
+                                              f"applied event ({st.last_ts[r]:.0f}); replayed or too late"))
+                        continue
+                    st.recent_ids[r, :-1] = st.recent_ids[r, 1:]
+                    st.recent_ids[r, -1] = eid
                     rows.append(r)
                     incs.append(inc)
                     codes.append(code)
@@ -99,19 +116,31 @@ class Recommender:
             recent = np.concatenate([st.recent[idx, 1:], codes_a[:, None].astype(np.int32)], axis=1)
             st.recent[idx] = recent
             changed[idx] = True
-            uvec, gate = self.online.user_vectors(h, long[idx], gaps, st.count[idx])
-            scores, ids = self.artifact.index.search(uvec, self.k, exclude=[r_[r_ > 0] for r_ in recent])
-            for j, inc in enumerate(incs):
-                ok = ids[j] >= 0
-                items = [{"item_id": iid, "score": round(float(s), 4)}
-                         for iid, s in zip(self.item_ids[ids[j][ok]], scores[j][ok], strict=True)]
-                rec = {"user_id": inc.event.user_id, "items": items, "gate": round(float(gate[j]), 4),
-                       "event_id": inc.event.event_id, "model_version": self.version, "ts": now,
-                       "event_ts": inc.event.ts}
-                res.outputs.append((inc.event.user_id, json.dumps(rec, separators=(",", ":")).encode()))
+            res.applied += len(rows)
+            self._recommend(res, incs, h, long[idx], gaps, st.count[idx], recent, now)
+        if redelivered:
+            # Redelivered after a crash: the state already holds the event, but its recommendation may
+            # have been lost with the crashed producer. Answer again with the user's current top-K.
+            idx = np.array([r for r, _ in redelivered])
+            self._recommend(res, [inc for _, inc in redelivered], st.h[idx], long[idx], np.zeros(len(idx)),
+                            st.count[idx], st.recent[idx], now)
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res
+
+    def _recommend(self, res: BatchResult, incs: list[Incoming], h: np.ndarray, long: np.ndarray,
+                   gaps: np.ndarray, counts: np.ndarray, recent: np.ndarray, now: float) -> None:
+        """Fuse, search the index without the users' recent items, and append one output per event."""
+        uvec, gate = self.online.user_vectors(h, long, gaps, counts)
+        scores, ids = self.artifact.index.search(uvec, self.k, exclude=[r_[r_ > 0] for r_ in recent])
+        for j, inc in enumerate(incs):
+            ok = ids[j] >= 0
+            items = [{"item_id": iid, "score": round(float(s), 4)}
+                     for iid, s in zip(self.item_ids[ids[j][ok]], scores[j][ok], strict=True)]
+            rec = {"user_id": inc.event.user_id, "items": items, "gate": round(float(gate[j]), 4),
+                   "event_id": inc.event.event_id, "model_version": self.version, "ts": now,
+                   "event_ts": inc.event.ts}
+            res.outputs.append((inc.event.user_id, json.dumps(rec, separators=(",", ":")).encode()))
 
 
 __all__ = ["Recommender", "Incoming", "BatchResult", "RECENT"]

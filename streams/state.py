@@ -5,24 +5,31 @@ Layout (little endian):
                       last event ts, event count  (32 bytes)
   h, c    dim float32 each
   recent  RECENT int32 item codes, most recent last, 0 = empty
+  ids     RECENT uint64 hashes of the last event ids (duplicate event_id detection)
 A state written by another model (tag mismatch) is reset, with a log line, never reused silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2
 RECENT = 10
 HEADER = struct.Struct("<BBHIiqdI")
 
 
 def model_tag(model_version: str) -> int:
     return zlib.crc32(model_version.encode()) & 0xFFFFFFFF
+
+
+def event_id_hash(event_id: str) -> int:
+    """64-bit id fingerprint; 0 is reserved for 'empty'."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") or 1
 
 
 @dataclass
@@ -32,6 +39,7 @@ class StateBatch:
     h: np.ndarray  # [B, dim] float32
     c: np.ndarray  # [B, dim] float32
     recent: np.ndarray  # [B, RECENT] int32
+    recent_ids: np.ndarray  # [B, RECENT] uint64
     last_partition: np.ndarray  # [B] int32
     last_offset: np.ndarray  # [B] int64
     last_ts: np.ndarray  # [B] float64
@@ -43,12 +51,13 @@ class StateCodec:
     def __init__(self, dim: int, model_version: str):
         self.dim = dim
         self.tag = model_tag(model_version)
-        self.size = HEADER.size + 8 * dim + 4 * RECENT
+        self.size = HEADER.size + 8 * dim + 12 * RECENT
 
     def empty(self, n: int) -> StateBatch:
         return StateBatch(
             h=np.zeros((n, self.dim), np.float32), c=np.zeros((n, self.dim), np.float32),
-            recent=np.zeros((n, RECENT), np.int32), last_partition=np.full(n, -1, np.int32),
+            recent=np.zeros((n, RECENT), np.int32), recent_ids=np.zeros((n, RECENT), np.uint64),
+            last_partition=np.full(n, -1, np.int32),
             last_offset=np.full(n, -1, np.int64), last_ts=np.zeros(n, np.float64), count=np.zeros(n, np.int64))
 
     def decode(self, values: list[bytes | None]) -> StateBatch:
@@ -64,13 +73,14 @@ class StateCodec:
             body = np.frombuffer(v, np.float32, 2 * d, HEADER.size)
             out.h[r], out.c[r] = body[:d], body[d:]
             out.recent[r] = np.frombuffer(v, np.int32, RECENT, HEADER.size + 8 * d)
+            out.recent_ids[r] = np.frombuffer(v, np.uint64, RECENT, HEADER.size + 8 * d + 4 * RECENT)
             out.last_partition[r], out.last_offset[r], out.last_ts[r], out.count[r] = part, off, ts, count
         return out
 
     def encode_one(self, s: StateBatch, r: int) -> bytes:
         head = HEADER.pack(FORMAT, RECENT, 0, self.tag, int(s.last_partition[r]), int(s.last_offset[r]),
                            float(s.last_ts[r]), int(s.count[r]))
-        return head + s.h[r].tobytes() + s.c[r].tobytes() + s.recent[r].tobytes()
+        return head + s.h[r].tobytes() + s.c[r].tobytes() + s.recent[r].tobytes() + s.recent_ids[r].tobytes()
 
 
 def encode_vector(vec: np.ndarray) -> bytes:

@@ -54,6 +54,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=str(REPO), start_new_session=True)
@@ -65,8 +66,10 @@ class WorkerProcess:
         while time.time() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
-            text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-            if "Ready" in text or "Worker ready" in text:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+            if "Ready" in text:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"worker not ready after {timeout}s; log:\n{self.tail()}")

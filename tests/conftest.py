@@ -66,7 +66,7 @@ def start_worker(kafka, tiny_artifact, tmp_path, namespace):
         w = WorkerProcess(kafka, tiny_artifact, tmp_path / name, log_path=tmp_path / f"{name}.log",
                           extra=["--app-id", namespace["app_id"], "--topic-prefix", namespace["prefix"],
                                  *(extra or [])],
-                          env={"LSTI_SESSION_TIMEOUT": "6"})
+                          env={"LSTI_SESSION_TIMEOUT": "3"})
         workers.append(w.start())
         w.wait_ready()
         return w

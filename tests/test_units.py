@@ -74,7 +74,7 @@ def test_state_codec_round_trip_and_model_mismatch_resets():
     st.recent[1, -1] = 42
     st.last_partition[1], st.last_offset[1], st.last_ts[1], st.count[1] = 3, 99, 1.5e9, 7
     raw = codec.encode_one(st, 1)
-    assert len(raw) == codec.size == 32 + 8 * 8 + 4 * RECENT
+    assert len(raw) == codec.size == 32 + 8 * 8 + 12 * RECENT
     back = codec.decode([None, raw])
     np.testing.assert_array_equal(back.h[1], st.h[1])
     np.testing.assert_array_equal(back.c[1], st.c[1])
