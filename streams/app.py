@@ -50,7 +50,7 @@ def dead_letter(value: bytes | None, key: bytes | None, reason: str, topic: str,
 
 
 def create_app(s: WorkerSettings) -> faust.App:
-    artifact = load_artifact(s.artifact)
+    artifact = load_artifact(s.artifact, index_threads=1)
     recommender = Recommender(artifact, k=s.k, max_lateness=s.max_lateness)
     metrics = Metrics()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
@@ -116,8 +116,11 @@ def create_app(s: WorkerSettings) -> faust.App:
                     # Outputs first, then state: a crash in between re-applies nothing (the state still has
                     # the old offset, so the events run again from the same state) and at worst repeats
                     # a recommendation; the state itself is applied exactly once per event.
+                    # The transport-level send: no per-record FutureMessage/serializer layer of Topic.send;
+                    # Faust still flushes this producer before it commits consumer offsets.
+                    part = group[0][1].partition
                     for u, out in res.outputs:
-                        await recommendations.send(key=u.encode(), value=out)
+                        await app.producer.send(recommendations.get_topic_name(), u.encode(), out, part, None, None)
                     for inc, reason in res.dead:
                         await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
                                                          inc.offset))

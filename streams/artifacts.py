@@ -121,14 +121,14 @@ def verify_artifact(path: Path) -> dict:
     return manifest
 
 
-def load_artifact(path: Path, index_backend: str = "auto") -> Artifact:
+def load_artifact(path: Path, index_backend: str = "auto", index_threads: int | None = None) -> Artifact:
     manifest = verify_artifact(path)
     blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     cfg = LSTIConfig(**blob["config"])
     model = LSTIModel(cfg, blob["state_dict"]["text"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
-    index = ItemIndex.load(path / "index.faiss", backend=index_backend)
+    index = ItemIndex.load(path / "index.faiss", backend=index_backend, threads=index_threads)
     if index.dim != cfg.dim or manifest.get("dim") != cfg.dim:
         raise BadArtifact(f"{path}: index dimension {index.dim} != model dimension {cfg.dim}")
     item_ids = json.loads((path / "items.json").read_text())["item_ids"]

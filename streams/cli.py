@@ -165,6 +165,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import run_bench
+
+    out = run_bench(n=args.n, n_users=args.users, n_items=args.items, dim=args.dim, bootstrap=args.bootstrap,
+                    latency_seconds=args.latency_seconds, latency_rate=args.latency_rate,
+                    systems=tuple(args.systems.split(",")), batch_max=args.batch_max,
+                    batch_within=args.batch_within, profile=args.profile)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lsti", description="LSTI: real-time recommendations from long-term (BERT) "
                                 "and short-term (LSTM) interests over Kafka.")
@@ -243,11 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bs = bsub.add_parser("stream", help="events/s and latency of the pipeline beside plain aiokafka and trivial Faust")
+    _add_bootstrap(bs)
+    bs.add_argument("-n", type=int, default=50_000, help="events to drain per system (default 50,000)")
+    bs.add_argument("--users", type=int, default=100_000, help="Zipf-distributed users (default 100,000)")
+    bs.add_argument("--items", type=int, default=10_000, help="catalogue size (default 10,000)")
+    bs.add_argument("--dim", type=int, default=64)
+    bs.add_argument("--systems", default="aiokafka,faust,lsti", help="comma list of aiokafka, faust, lsti")
+    bs.add_argument("--latency-seconds", type=float, default=10.0)
+    bs.add_argument("--latency-rate", type=float, help="events/s for the latency run (default: half the sustained)")
+    bs.add_argument("--batch-max", type=int, help="worker micro-batch size")
+    bs.add_argument("--batch-within", type=float, help="worker micro-batch wait (s)")
+    bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
+    bs.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    bs.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        # One compute thread per worker process: the math is on micro-batches, and BLAS/OpenMP pools
+        # spinning beside the event loop cost more than they give (scale out with processes instead).
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
     if args.command != "run":
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

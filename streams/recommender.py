@@ -72,6 +72,10 @@ class Recommender:
         now = time.time()
         changed = np.zeros(len(users), bool)
         redelivered: list[tuple[int, Incoming]] = []
+        # Inputs of the fusion + search for every answered event, gathered over the rounds, so the
+        # gate and the index search run once per batch however many events a heavy user has in it.
+        ans_incs: list[Incoming] = []
+        ans_h, ans_long, ans_gaps, ans_counts, ans_recent = [], [], [], [], []
         for rnd in range(max(len(v) for v in per_user.values())):
             rows, incs, codes = [], [], []
             for r, u in enumerate(users):
@@ -117,13 +121,25 @@ class Recommender:
             st.recent[idx] = recent
             changed[idx] = True
             res.applied += len(rows)
-            self._recommend(res, incs, h, long[idx], gaps, st.count[idx], recent, now)
+            ans_incs += incs
+            ans_h.append(h)
+            ans_long.append(long[idx])
+            ans_gaps.append(gaps)
+            ans_counts.append(st.count[idx].copy())
+            ans_recent.append(recent)
         if redelivered:
             # Redelivered after a crash: the state already holds the event, but its recommendation may
             # have been lost with the crashed producer. Answer again with the user's current top-K.
             idx = np.array([r for r, _ in redelivered])
-            self._recommend(res, [inc for _, inc in redelivered], st.h[idx], long[idx], np.zeros(len(idx)),
-                            st.count[idx], st.recent[idx], now)
+            ans_incs += [inc for _, inc in redelivered]
+            ans_h.append(st.h[idx])
+            ans_long.append(long[idx])
+            ans_gaps.append(np.zeros(len(idx)))
+            ans_counts.append(st.count[idx].copy())
+            ans_recent.append(st.recent[idx].copy())
+        if ans_incs:
+            self._recommend(res, ans_incs, np.concatenate(ans_h), np.concatenate(ans_long),
+                            np.concatenate(ans_gaps), np.concatenate(ans_counts), np.concatenate(ans_recent), now)
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res

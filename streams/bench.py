@@ -1,0 +1,210 @@
+"""`lsti bench stream`: sustained events/s and event-to-recommendation latency of the full pipeline,
+measured beside the ceiling (plain aiokafka loop) and the floor (trivial Faust agent) of the same stack,
+on the same broker and the same pre-published input.
+
+Throughput: N events are published first; each system then drains them; its rate is N divided by the
+span between its first and last output record (broker timestamps). Latency: with the LSTI worker
+caught up, events are published at a fixed rate (default half the measured sustained rate), each
+carrying its send time; latency = output record timestamp - send time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from streams.config import REPO, Topics, state_home
+
+TAOBAO_MIX = {"view": 0.898, "cart": 0.053, "fav": 0.028, "buy": 0.021}  # event shares in the Taobao log
+
+
+def synthetic_artifact(root: Path, n_items: int, dim: int, seed: int = 0) -> Path:
+    """Random (untrained) model weights over a synthetic catalogue: the cost of serving does not depend
+    on how well the weights were trained, and this needs no data and no BERT."""
+    import torch
+
+    from encoders.model import LSTIConfig, LSTIModel
+    from streams.artifacts import write_artifact
+    from streams.build import item_index_for
+
+    version = f"bench-{n_items}-{dim}"
+    if (root / version / "manifest.json").exists():
+        return root / version
+    torch.manual_seed(seed)
+    text = torch.nn.functional.normalize(torch.randn(n_items + 1, 384), dim=-1)
+    text[0] = 0
+    model = LSTIModel(LSTIConfig(n_items=n_items, dim=dim), text).eval()
+    with torch.no_grad():
+        model.id_emb.weight.normal_(0, 0.1)
+    item_ids = [""] + [f"item{i}" for i in range(1, n_items + 1)]
+    return write_artifact(root, version, model, item_ids, item_index_for(model), [], np.zeros((0, dim)), {})
+
+
+def zipf_stream(n: int, n_users: int, n_items: int, seed: int = 0, a: float = 1.1):
+    """Users and items drawn from Zipf laws (a few heavy users and hit items, a long tail)."""
+    rng = np.random.default_rng(seed)
+
+    def zipf(size: int, k: int) -> np.ndarray:
+        p = 1.0 / np.arange(1, k + 1) ** a
+        return rng.choice(k, size=size, p=p / p.sum())
+
+    users = rng.permutation(n_users)[zipf(n, n_users)]
+    items = rng.permutation(n_items)[zipf(n, n_items)] + 1
+    types = rng.choice(list(TAOBAO_MIX), size=n, p=list(TAOBAO_MIX.values()))
+    return users, items, types
+
+
+def _messages(users, items, types, start: int, ts: float | None = None):
+    from streams.events import event_json
+
+    for j, (u, i, t) in enumerate(zip(users, items, types, strict=True)):
+        uid = f"u{u}"
+        yield uid.encode(), event_json(f"b{start + j}", uid, f"item{i}", str(t), ts or time.time())
+
+
+def _drain_rate(reader, n: int, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while len(reader.records) < n and time.time() < deadline:
+        time.sleep(0.2)
+    stamps = np.array([ts for ts, _ in list(reader.records)], dtype=np.float64)
+    if len(stamps) < 2:
+        return {"events": int(len(stamps)), "events_per_s": 0.0, "complete": False}
+    span = (stamps.max() - stamps.min()) / 1000.0
+    return {"events": int(len(stamps)), "seconds": round(span, 3),
+            "events_per_s": round(len(stamps) / span, 1) if span > 0 else 0.0, "complete": len(stamps) >= n}
+
+
+def _proc(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                            start_new_session=True)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    import signal
+
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, dim: int = 64,
+              bootstrap: str | None = None, latency_seconds: float = 10.0, latency_rate: float | None = None,
+              systems: tuple[str, ...] = ("aiokafka", "faust", "lsti"), batch_max: int | None = None,
+              batch_within: float | None = None, progress: bool = True, profile: Path | None = None) -> dict:
+    from streams.broker import EmbeddedKafka
+    from streams.kafka_tools import TopicReader, ensure_topics, publish_raw
+    from streams.worker import WorkerProcess, free_port
+
+    home = state_home() / "bench"
+    home.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if not bootstrap:
+        shutil.rmtree(home / "kafka", ignore_errors=True)
+        broker = EmbeddedKafka(home / "kafka")
+        bootstrap = broker.start()
+    run = uuid.uuid4().hex[:6]
+    result: dict = {"events": n, "users": n_users, "items": n_items, "dim": dim, "event_mix": TAOBAO_MIX,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "python": platform.python_version()}, "systems": {}}
+    try:
+        art = synthetic_artifact(home / "artifacts", n_items, dim)
+        topics = Topics.with_prefix(f"bench-{run}.")
+        ensure_topics(bootstrap, 4, topics)
+        users, items, types = zipf_stream(n, n_users, n_items)
+        t0 = time.perf_counter()
+        publish_raw(bootstrap, _messages(users, items, types, 0, ts=1_700_000_000.0), topics.events)
+        result["publish_seconds"] = round(time.perf_counter() - t0, 2)
+        for name in systems:
+            out_topic = f"bench-{run}.out-{name}" if name != "lsti" else topics.recommendations
+            ensure_topics(bootstrap, 4, Topics(topics.events, out_topic, topics.dlq, topics.long_term))
+            reader = TopicReader(bootstrap, out_topic)
+            reader.start()
+            log = home / f"{run}-{name}.log"
+            worker = None
+            if name == "lsti":
+                extra = ["--app-id", f"bench-{run}-lsti", "--topic-prefix", f"bench-{run}."]
+                if batch_max:
+                    extra += ["--batch-max", str(batch_max)]
+                if batch_within is not None:
+                    extra += ["--batch-within", str(batch_within)]
+                worker = WorkerProcess(bootstrap, art, home / f"{run}-worker", log_path=log, extra=extra).start()
+                proc = worker.proc
+            else:
+                cmd = [sys.executable, "-m", "streams.bench_refs", name, "--bootstrap", bootstrap, "--src",
+                       topics.events, "--dst", out_topic, "--group", f"bench-{run}-{name}", "-n", str(n),
+                       "--datadir", str(home / f"{run}-{name}-data"), "--web-port", str(free_port())]
+                proc = _proc(cmd, log)
+            spy = None
+            if profile and name == "lsti":
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-o",
+                                        str(profile), "-f", "speedscope", "-p", str(proc.pid), "-d", "60"],
+                                       stdout=subprocess.DEVNULL, stderr=open(home / "py-spy.log", "ab"))
+            stats = _drain_rate(reader, n, timeout=600)
+            if name == "lsti":
+                rate = latency_rate or max(100.0, stats["events_per_s"] / 2)
+                stats["latency"] = _latency(bootstrap, topics.events, reader, rate, latency_seconds, n,
+                                            n_users, n_items)
+            if spy is not None:
+                import signal
+
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+                spy.wait(60)
+            reader.stop_flag.set()
+            if worker is not None:
+                worker.stop()
+            else:
+                _stop(proc)
+            result["systems"][name] = stats
+            if progress:
+                print(f"{name}: {json.dumps(stats)}", file=sys.stderr, flush=True)
+        s = result["systems"]
+        if "lsti" in s and "aiokafka" in s and s["aiokafka"]["events_per_s"]:
+            result["lsti_vs_aiokafka"] = round(s["lsti"]["events_per_s"] / s["aiokafka"]["events_per_s"], 3)
+        if "lsti" in s and "faust" in s and s["faust"]["events_per_s"]:
+            result["lsti_vs_faust_trivial"] = round(s["lsti"]["events_per_s"] / s["faust"]["events_per_s"], 3)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return result
+
+
+def _latency(bootstrap: str, topic: str, reader, rate: float, seconds: float, start: int, n_users: int,
+             n_items: int) -> dict:
+    """Publish at `rate` events/s for `seconds`, each event stamped with its send time."""
+    from streams.kafka_tools import producer
+
+    m = int(rate * seconds)
+    users, items, types = zipf_stream(m, n_users, n_items, seed=1)
+    before = len(reader.records)
+    prod = producer(bootstrap, linger_ms=0)
+    t0 = time.perf_counter()
+    for j, (u, i, t) in enumerate(zip(users, items, types, strict=True)):
+        key, value = next(_messages([u], [i], [t], start + j))
+        prod.send(topic, key=key, value=value)
+        ahead = (j + 1) / rate - (time.perf_counter() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
+    prod.flush()
+    prod.close()
+    deadline = time.time() + 60
+    while len(reader.records) < before + m and time.time() < deadline:
+        time.sleep(0.2)
+    lat = np.array([ts - json.loads(v)["event_ts"] * 1000.0 for ts, v in list(reader.records)[before:]])
+    if not len(lat):
+        return {"rate": rate, "events": 0}
+    return {"rate": round(rate, 1), "events": int(len(lat)), "achieved_rate": round(m / (time.perf_counter() - t0), 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1)}
