@@ -72,7 +72,8 @@ class TextEncoder:
             return {}
         with np.load(self.cache_path) as z:
             keys, vecs = z["keys"], z["vectors"]
-        return {bytes(k): v for k, v in zip(keys, vecs, strict=True)}
+        # numpy's S20 strips trailing NUL bytes on read: pad back to the 20-byte sha1 digest.
+        return {bytes(k).ljust(20, b"\0"): v for k, v in zip(keys, vecs, strict=True)}
 
     def _save_cache(self, cache: dict[bytes, np.ndarray]) -> None:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ import faust
 from faust.streams import _current_event
 
 from streams.artifacts import load_artifact
-from streams.config import WorkerSettings
+from streams.config import WorkerSettings, kafka_python_security_from_env
+from streams.control import Live, watch_items, watch_versions
 from streams.events import BadEvent, parse_event
 from streams.metrics import Metrics
 from streams.recommender import Incoming, Recommender
@@ -49,9 +50,21 @@ def dead_letter(value: bytes | None, key: bytes | None, reason: str, topic: str,
     }).encode()
 
 
+def aiokafka_security() -> dict:
+    """aiokafka takes the same security keyword names as kafka-python, except the SSL files."""
+    sec = kafka_python_security_from_env()
+    if "security_protocol" in sec and sec["security_protocol"].endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        sec["ssl_context"] = create_ssl_context(cafile=sec.pop("ssl_cafile", None),
+                                                certfile=sec.pop("ssl_certfile", None),
+                                                keyfile=sec.pop("ssl_keyfile", None))
+    return sec
+
+
 def create_app(s: WorkerSettings) -> faust.App:
     artifact = load_artifact(s.artifact, index_threads=1)
-    recommender = Recommender(artifact, k=s.k, max_lateness=s.max_lateness)
+    live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness), s.k, s.max_lateness)
     metrics = Metrics()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
              artifact.model.cfg.dim, artifact.index.backend)
@@ -93,6 +106,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def recommend(stream):
         async for batch in stream.take_events(s.batch_max, within=s.batch_within):
             started = time.perf_counter()
+            recommender = live.recommender  # one model version per micro-batch; swaps happen in between
             metrics.consumed += len(batch)
             by_partition: dict[int, list] = defaultdict(list)
             for ev in batch:
@@ -136,9 +150,19 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def report():
         metrics.log_progress(log)
 
+    @app.task
+    async def follow_model_versions():
+        await watch_versions(live, s.bootstrap, s.topics.model_versions, aiokafka_security())
+
+    @app.task
+    async def follow_new_items():
+        await watch_items(live, s.bootstrap, s.topics.items, aiokafka_security())
+
     @app.page("/health")
     async def health(web, request):
-        return web.json({"status": "ok", "model_version": recommender.version, **metrics.counts()})
+        return web.json({"status": "ok", "model_version": live.recommender.version, "swaps": live.swaps,
+                         "refused_versions": live.refused, "items_added": live.items_added,
+                         "items": len(live.recommender.item_ids) - 1, **metrics.counts()})
 
     @app.page("/metrics")
     async def prometheus(web, request):

@@ -165,6 +165,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from streams.nightly import main_nightly
+
+    return main_nightly(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
@@ -254,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+    n = sub.add_parser("nightly", help="refresh without retraining: new items, long-term vectors, index; "
+                       "publish, then make CURRENT")
+    _add_bootstrap(n)
+    _add_data(n)
+    n.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
+    n.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all)")
+    n.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
+    n.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
+    n.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT")
+    n.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
+    n.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    n.set_defaults(func=cmd_nightly)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     bs = bsub.add_parser("stream", help="events/s and latency of the pipeline beside plain aiokafka and trivial Faust")

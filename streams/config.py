@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,11 +20,13 @@ class Topics:
     recommendations: str = "recommendations"
     dlq: str = "events-dlq"
     long_term: str = "long-term"
+    model_versions: str = "model-versions"
+    items: str = "items"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
         """Namespaced topics, so a test or a demo run on a shared Kafka sees only its own records."""
-        return cls(*(prefix + name for name in (cls.events, cls.recommendations, cls.dlq, cls.long_term)))
+        return cls(**{f.name: prefix + f.default for f in fields(cls)})
 
 
 @dataclass

@@ -33,7 +33,9 @@ def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = N
     try:
         existing = set(admin.list_topics())
         wanted = [NewTopic(t.events, partitions, 1), NewTopic(t.recommendations, partitions, 1),
-                  NewTopic(t.dlq, 1, 1), NewTopic(t.long_term, partitions, 1)]
+                  NewTopic(t.dlq, 1, 1), NewTopic(t.long_term, partitions, 1),
+                  NewTopic(t.model_versions, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+                  NewTopic(t.items, partitions, 1)]
         new = [n for n in wanted if n.name not in existing]
         if new:
             try:

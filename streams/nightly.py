@@ -385,7 +385,7 @@ def run_nightly(
         result.activated = True
     shutil.rmtree(work, ignore_errors=True)
     result.timings = ph.total()
-    log.info("%s", result.summary())
+    log.debug("%s", result.summary())
     return result
 
 

@@ -52,6 +52,15 @@ class Recommender:
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
 
+    def add_items(self, item_ids: list[str], vectors: np.ndarray) -> None:
+        """Append items (codes continue after the last) to the maps, the online model and the index."""
+        codes = np.arange(len(self.item_ids), len(self.item_ids) + len(item_ids), dtype=np.int64)
+        for iid, code in zip(item_ids, codes, strict=True):
+            self.item_code[iid] = int(code)
+        self.item_ids = np.concatenate([self.item_ids, np.array(item_ids, dtype=object)])
+        self.online.item_vecs = np.vstack([self.online.item_vecs, vectors.astype(np.float32)])
+        self.artifact.index.add(vectors, codes)
+
     def process(self, batch: list[Incoming], states: dict[str, bytes | None],
                 longs: dict[str, bytes | None]) -> BatchResult:
         """Apply `batch` (in arrival order) to the users' `states`; `longs` are long-term vectors."""

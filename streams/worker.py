@@ -34,7 +34,16 @@ def run_worker(s: WorkerSettings) -> int:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(s.bootstrap, s.partitions, s.topics)
     app = create_app(s)
-    worker = faust.Worker(app, loglevel=s.loglevel, quiet=True, redirect_stdouts=False)
+    # Our own logging config: with mode's default one, records of the `lsti.*` loggers were not printed.
+    log_config = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"default": {"format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default",
+                                 "stream": "ext://sys.stdout"}},
+        "root": {"level": s.loglevel.upper(), "handlers": ["default"]},
+        "loggers": {"kafka": {"level": "WARNING"}, "faiss": {"level": "WARNING"}},
+    }
+    worker = faust.Worker(app, loglevel=s.loglevel, quiet=True, redirect_stdouts=False, logging_config=log_config)
     worker.execute_from_commandline()
     return 0
 
