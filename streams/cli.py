@@ -171,6 +171,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return main_nightly(args)
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from streams.parity import main_parity
+
+    return main_parity(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
@@ -272,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
     n.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     n.set_defaults(func=cmd_nightly)
+
+    par = sub.add_parser("parity", help="online = offline: replay users through a worker and compare each "
+                         "recommendation with the offline model's ranking")
+    _add_bootstrap(par)
+    _add_data(par)
+    par.add_argument("--artifact", type=Path, help="artifact (default: CURRENT, if built from --dataset)")
+    par.add_argument("--users", type=int, default=200, help="users whose full histories are replayed")
+    par.add_argument("--seed", type=int, default=0)
+    par.set_defaults(func=cmd_parity)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
