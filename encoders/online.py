@@ -36,19 +36,27 @@ class OnlineModel:
         self.long_default = p["long_default"]
         self.mode = model.cfg.mode
 
-    def step(self, h: np.ndarray, c: np.ndarray, items: np.ndarray, etypes: np.ndarray,
-             gaps: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One LSTM step for B users at once: [B, dim] states in, [B, dim] states out."""
+    def input_gates(self, items: np.ndarray, etypes: np.ndarray, gaps: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """x_t W_ih + b for many events at once ([E, 4*dim]): the part of the step that needs no state."""
         x = np.concatenate(
             [self.item_vecs[items], self.type_emb[etypes], gap_feature(gaps)[:, None],
              first.astype(np.float32)[:, None]], axis=1)
-        z = x @ self.w_ih + h @ self.w_hh + self.b
+        return x @ self.w_ih + self.b
+
+    def recur(self, zx: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The recurrent part of the step, given the events' input gates."""
+        z = zx + h @ self.w_hh
         d = self.dim
         i, f, o = _sigmoid(z[:, :d]), _sigmoid(z[:, d : 2 * d]), _sigmoid(z[:, 3 * d :])
         g = np.tanh(z[:, 2 * d : 3 * d])
         c = f * c + i * g
         h = o * np.tanh(c)
         return h.astype(np.float32), c.astype(np.float32)
+
+    def step(self, h: np.ndarray, c: np.ndarray, items: np.ndarray, etypes: np.ndarray,
+             gaps: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One LSTM step for B users at once: [B, dim] states in, [B, dim] states out."""
+        return self.recur(self.input_gates(items, etypes, gaps, first), h, c)
 
     def user_vectors(self, h: np.ndarray, long: np.ndarray, gaps: np.ndarray,
                      counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +50,7 @@ class Recommender:
         self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version)
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
+        self._item_json = np.array([json.dumps(i) for i in artifact.item_ids], dtype=object)
 
     def add_items(self, item_ids: list[str], vectors: np.ndarray) -> None:
         """Append items (codes continue after the last) to the maps, the online model and the index."""
@@ -58,114 +58,127 @@ class Recommender:
         for iid, code in zip(item_ids, codes, strict=True):
             self.item_code[iid] = int(code)
         self.item_ids = np.concatenate([self.item_ids, np.array(item_ids, dtype=object)])
+        self._item_json = np.concatenate([self._item_json, np.array([json.dumps(i) for i in item_ids], dtype=object)])
         self.online.item_vecs = np.vstack([self.online.item_vecs, vectors.astype(np.float32)])
         self.artifact.index.add(vectors, codes)
 
     def process(self, batch: list[Incoming], states: dict[str, bytes | None],
                 longs: dict[str, bytes | None]) -> BatchResult:
-        """Apply `batch` (in arrival order) to the users' `states`; `longs` are long-term vectors."""
+        """Apply `batch` (in arrival order) to the users' `states`; `longs` are long-term vectors.
+
+        Three passes: (1) admission in plain Python scalars, in order: dedupe, dead letters, gaps,
+        recent items, and each event's round (its rank among its user's events in the batch);
+        (2) the LSTM: input gates of all events in one matmul, then one small recurrent step per round;
+        (3) one fusion, one index search and the outputs for every answered event.
+        """
         res = BatchResult()
-        per_user: dict[str, list[tuple[Incoming, int]]] = defaultdict(list)
+        rows_of: dict[str, int] = {}
+        valid: list[tuple[Incoming, int, int]] = []
         for inc in batch:
             code = self.item_code.get(inc.event.item_id)
             if code is None:
                 res.dead.append((inc, f"unknown item_id {inc.event.item_id!r}"))
                 continue
-            per_user[inc.event.user_id].append((inc, code))
-        if not per_user:
+            r = rows_of.get(inc.event.user_id)
+            if r is None:
+                r = rows_of[inc.event.user_id] = len(rows_of)
+            valid.append((inc, code, r))
+        if not valid:
             return res
-        users = list(per_user)
+        users = list(rows_of)
         st = self.codec.decode([states.get(u) for u in users])
         res.resets = st.reset
         long = decode_vectors([longs.get(u) for u in users], self.online.dim, self.online.long_default)
-        now = time.time()
-        changed = np.zeros(len(users), bool)
-        redelivered: list[tuple[int, Incoming]] = []
-        # Inputs of the fusion + search for every answered event, gathered over the rounds, so the
-        # gate and the index search run once per batch however many events a heavy user has in it.
-        ans_incs: list[Incoming] = []
-        ans_h, ans_long, ans_gaps, ans_counts, ans_recent = [], [], [], [], []
-        for rnd in range(max(len(v) for v in per_user.values())):
-            rows, incs, codes = [], [], []
-            for r, u in enumerate(users):
-                evs = per_user[u]
-                if rnd < len(evs):
-                    inc, code = evs[rnd]
-                    # Effectively-once: an event at or below the applied offset was applied already.
-                    if inc.partition == st.last_partition[r] and inc.offset <= st.last_offset[r]:
-                        res.duplicates += 1
-                        redelivered.append((r, inc))
-                        # Rewrite the state anyway: after a crash the local RocksDB can be ahead of the
-                        # changelog; rewriting re-emits it, so a later owner of the partition sees it too.
-                        changed[r] = True
-                        continue
-                    eid = event_id_hash(inc.event.event_id)
-                    if eid in st.recent_ids[r]:
-                        res.dead.append((inc, f"duplicate event_id {inc.event.event_id!r}"))
-                        continue
-                    if st.count[r] and inc.event.ts < st.last_ts[r] - self.max_lateness:
-                        res.dead.append((inc, f"stale event: ts {inc.event.ts:.0f} is older than the user's last "
-                                              f"applied event ({st.last_ts[r]:.0f}); replayed or too late"))
-                        continue
-                    st.recent_ids[r, :-1] = st.recent_ids[r, 1:]
-                    st.recent_ids[r, -1] = eid
-                    rows.append(r)
-                    incs.append(inc)
-                    codes.append(code)
-            if not rows:
+
+        # (1) admission
+        last_part, last_off = st.last_partition.tolist(), st.last_offset.tolist()
+        last_ts, count = st.last_ts.tolist(), st.count.tolist()
+        recent, recent_ids = st.recent.tolist(), st.recent_ids.tolist()
+        rounds = [0] * len(users)
+        changed = [False] * len(users)
+        ev_r, ev_code, ev_type, ev_gap, ev_first, ev_round, ev_count, ev_recent, ev_inc = ([] for _ in range(9))
+        red_r, red_inc = [], []
+        for inc, code, r in valid:
+            e = inc.event
+            if inc.partition == last_part[r] and inc.offset <= last_off[r]:
+                # Effectively-once: a redelivery after a crash; the state holds it already. Answer it again
+                # (its output may have died with the producer) and rewrite the state (the local RocksDB
+                # may be ahead of the changelog; a later owner of the partition must see it too).
+                res.duplicates += 1
+                red_r.append(r)
+                red_inc.append(inc)
+                changed[r] = True
                 continue
-            idx = np.array(rows)
-            codes_a = np.array(codes, np.int64)
-            ts = np.array([i.event.ts for i in incs])
-            first = st.count[idx] == 0
-            gaps = np.where(first, 0.0, ts - st.last_ts[idx])
-            etypes = np.array([EVENT_CODE[i.event.event_type] for i in incs], np.int64)
-            h, c = self.online.step(st.h[idx], st.c[idx], codes_a, etypes, gaps, first)
-            st.h[idx], st.c[idx] = h, c
-            st.count[idx] += 1
-            st.last_ts[idx] = ts
-            st.last_partition[idx] = [i.partition for i in incs]
-            st.last_offset[idx] = [i.offset for i in incs]
-            recent = np.concatenate([st.recent[idx, 1:], codes_a[:, None].astype(np.int32)], axis=1)
-            st.recent[idx] = recent
-            changed[idx] = True
-            res.applied += len(rows)
-            ans_incs += incs
-            ans_h.append(h)
-            ans_long.append(long[idx])
-            ans_gaps.append(gaps)
-            ans_counts.append(st.count[idx].copy())
-            ans_recent.append(recent)
-        if redelivered:
-            # Redelivered after a crash: the state already holds the event, but its recommendation may
-            # have been lost with the crashed producer. Answer again with the user's current top-K.
-            idx = np.array([r for r, _ in redelivered])
-            ans_incs += [inc for _, inc in redelivered]
-            ans_h.append(st.h[idx])
-            ans_long.append(long[idx])
-            ans_gaps.append(np.zeros(len(idx)))
-            ans_counts.append(st.count[idx].copy())
-            ans_recent.append(st.recent[idx].copy())
-        if ans_incs:
-            self._recommend(res, ans_incs, np.concatenate(ans_h), np.concatenate(ans_long),
-                            np.concatenate(ans_gaps), np.concatenate(ans_counts), np.concatenate(ans_recent), now)
+            eid = event_id_hash(e.event_id)
+            if eid in recent_ids[r]:
+                res.dead.append((inc, f"duplicate event_id {e.event_id!r}"))
+                continue
+            if count[r] and e.ts < last_ts[r] - self.max_lateness:
+                res.dead.append((inc, f"stale event: ts {e.ts:.0f} is older than the user's last applied event "
+                                      f"({last_ts[r]:.0f}); replayed or too late"))
+                continue
+            first = count[r] == 0
+            ev_gap.append(0.0 if first else e.ts - last_ts[r])
+            ev_first.append(first)
+            recent_ids[r] = recent_ids[r][1:] + [eid]
+            recent[r] = recent[r][1:] + [code]
+            count[r] += 1
+            last_ts[r], last_part[r], last_off[r] = e.ts, inc.partition, inc.offset
+            ev_r.append(r)
+            ev_code.append(code)
+            ev_type.append(EVENT_CODE[e.event_type])
+            ev_round.append(rounds[r])
+            rounds[r] += 1
+            ev_count.append(count[r])
+            ev_recent.append(recent[r])
+            ev_inc.append(inc)
+            changed[r] = True
+        st.last_partition[:], st.last_offset[:], st.last_ts[:], st.count[:] = last_part, last_off, last_ts, count
+        st.recent[:] = recent
+        st.recent_ids[:] = np.array(recent_ids, dtype=np.uint64)
+
+        # (2) the LSTM, batched across users, one recurrent step per round
+        n = len(ev_r)
+        rows = np.array(ev_r, dtype=np.int64)
+        h_ev = np.empty((n, self.online.dim), np.float32)
+        if n:
+            zx = self.online.input_gates(np.array(ev_code), np.array(ev_type), np.array(ev_gap), np.array(ev_first))
+            rnd = np.array(ev_round)
+            order = np.argsort(rnd, kind="stable")
+            for ev in np.split(order, np.cumsum(np.bincount(rnd))[:-1]):
+                rr = rows[ev]
+                h, c = self.online.recur(zx[ev], st.h[rr], st.c[rr])
+                st.h[rr], st.c[rr] = h, c
+                h_ev[ev] = h
+            res.applied = n
+
+        # (3) fusion, search, outputs
+        red = np.array(red_r, dtype=np.int64)
+        if n or len(red):
+            self._recommend(
+                res, ev_inc + red_inc, np.concatenate([h_ev, st.h[red]]), long[np.concatenate([rows, red])],
+                np.concatenate([np.array(ev_gap, np.float64), np.zeros(len(red))]),
+                np.concatenate([np.array(ev_count, np.int64), st.count[red]]),
+                np.concatenate([np.array(ev_recent, np.int64).reshape(n, RECENT), st.recent[red]]))
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res
 
     def _recommend(self, res: BatchResult, incs: list[Incoming], h: np.ndarray, long: np.ndarray,
-                   gaps: np.ndarray, counts: np.ndarray, recent: np.ndarray, now: float) -> None:
-        """Fuse, search the index without the users' recent items, and append one output per event."""
+                   gaps: np.ndarray, counts: np.ndarray, recent: np.ndarray) -> None:
+        """Fuse, search the index without the users' recent items, format one output per event."""
         uvec, gate = self.online.user_vectors(h, long, gaps, counts)
-        scores, ids = self.artifact.index.search(uvec, self.k, exclude=[r_[r_ > 0] for r_ in recent])
+        scores, ids = self.artifact.index.search(uvec, self.k, exclude=np.where(recent > 0, recent, -2))
+        now = f"{time.time():.3f}"
+        version = json.dumps(self.version)
+        names = self._item_json[np.maximum(ids, 0)]
         for j, inc in enumerate(incs):
-            ok = ids[j] >= 0
-            items = [{"item_id": iid, "score": round(float(s), 4)}
-                     for iid, s in zip(self.item_ids[ids[j][ok]], scores[j][ok], strict=True)]
-            rec = {"user_id": inc.event.user_id, "items": items, "gate": round(float(gate[j]), 4),
-                   "event_id": inc.event.event_id, "model_version": self.version, "ts": now,
-                   "event_ts": inc.event.ts}
-            res.outputs.append((inc.event.user_id, json.dumps(rec, separators=(",", ":")).encode()))
+            e = inc.event
+            items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}'
+                             for nm, sc, ok in zip(names[j], scores[j], ids[j] >= 0, strict=True) if ok)
+            out = (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate[j]:.4f},'
+                   f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},"event_ts":{e.ts!r}}}')
+            res.outputs.append((e.user_id, out.encode()))
 
 
 __all__ = ["Recommender", "Incoming", "BatchResult", "RECENT"]

@@ -109,3 +109,18 @@ def test_index_add_makes_new_items_searchable():
     idx.add(np.array([[0, 0, 0, 5.0]], np.float32), np.array([99]))
     _, got = idx.search(np.array([[0, 0, 0, 1.0]], np.float32), 1)
     assert got[0, 0] == 99
+
+
+def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
+    """After a crash a batch may hold only events the state already has: each is answered, none applied."""
+    from streams.artifacts import load_artifact
+    from streams.events import Event
+    from streams.recommender import Incoming, Recommender
+
+    rec = Recommender(load_artifact(tiny_artifact))
+    first = [Incoming(Event(f"e{j}", "u1", "i1", "view", 1.6e9 + j), 0, j) for j in range(3)]
+    res = rec.process(first, {}, {})
+    assert res.applied == 3 and len(res.outputs) == 3
+    again = rec.process(first, {"u1": res.states["u1"]}, {})
+    assert again.applied == 0 and again.duplicates == 3 and len(again.outputs) == 3
+    assert again.states["u1"] == res.states["u1"]
