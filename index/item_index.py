@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.defaults import apply_search_params, default_search_params, flat_blas_threshold
+
 log = logging.getLogger("lsti.index")
 
 
@@ -54,8 +56,9 @@ class ItemIndex:
         self._gpu_index = None
         self._torch = None
         self._attach_backend()
-        # Batched exact search uses BLAS only above this many queries; micro-batches are small.
-        faiss.cvar.distance_compute_blas_threshold = 16
+        # Exact search through BLAS from 4 queries on (measured break-even, index/defaults.py); faiss 1.15
+        # compares this value with n_queries * dim, so a bare "16" would force BLAS on single queries.
+        faiss.cvar.distance_compute_blas_threshold = flat_blas_threshold(self.dim)
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, factory: str = "Flat", backend: str = "auto") -> ItemIndex:
@@ -67,6 +70,7 @@ class ItemIndex:
             inner.train(vectors)
         mapped = faiss.IndexIDMap2(inner)
         mapped.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        apply_search_params(mapped, default_search_params(factory))
         return cls(mapped, backend)
 
     @classmethod

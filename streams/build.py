@@ -35,9 +35,13 @@ def long_term_vectors(model: LSTIModel, seqs: list[Sequence], batch: int = 256) 
     return out
 
 
-def item_index_for(model: LSTIModel, factory: str = "Flat") -> ItemIndex:
+def item_index_for(model: LSTIModel, factory: str | None = None) -> ItemIndex:
+    """The item index; the factory string defaults by catalogue size (index/defaults.py, measured)."""
+    from index.defaults import recommended_factory
+
     with torch.no_grad():
         vecs = model.item_vectors().cpu().numpy()
+    factory = factory or recommended_factory(len(vecs) - 1)
     return ItemIndex.build(vecs[1:], np.arange(1, len(vecs), dtype=np.int64), factory=factory)
 
 

@@ -177,6 +177,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return main_parity(args)
 
 
+def cmd_bench_recovery(args: argparse.Namespace) -> int:
+    from streams.bench_recovery import run_recovery_bench
+
+    print(json.dumps(run_recovery_bench(args.users, args.bootstrap)))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from streams.bench import run_bench
 
@@ -304,10 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
     bs.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bs.set_defaults(func=cmd_bench)
+    br = bsub.add_parser("recovery", help="worker recovery time after a crash for N users' state")
+    _add_bootstrap(br)
+    br.add_argument("--users", type=int, default=100_000)
+    br.add_argument("--json", action="store_true", help="one JSON object on stdout (the default output)")
+    br.set_defaults(func=cmd_bench_recovery)
+    for name, (module, text) in DELEGATED_BENCHES.items():
+        bsub.add_parser(name, help=f"{text} (options: `lsti bench {name} -h`, module {module})")
     return p
 
 
+DELEGATED_BENCHES = {
+    "index": ("index.bench", "FAISS Flat vs IVF vs HNSW: recall@10, QPS, build time"),
+    "state": ("streams.bench_state", "state bytes per user, RocksDB size, fp16 vs fp32 quality"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in DELEGATED_BENCHES:
+        import importlib
+
+        return int(importlib.import_module(DELEGATED_BENCHES[argv[1]][0]).main(argv[2:]) or 0)
     args = build_parser().parse_args(argv)
     if args.command == "run":
         # One compute thread per worker process: the math is on micro-batches, and BLAS/OpenMP pools

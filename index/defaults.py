@@ -1,0 +1,83 @@
+"""Item-index defaults by catalogue size, taken from `python -m index.bench --json` (faiss-cpu 1.15.1, dim 64,
+inner product, 2 shared cores; clustered synthetic catalogue with popularity-dependent norms).
+
+What the measurements said (batch 1 = one query per call on one thread, as the stream worker searches):
+- Flat is exact, needs no training and 264 B/item (with ids); one query cost 0.58-0.82 ms at 100k items and 9.6-13.4 ms
+  at 1M (runs on a shared, loaded host). Micro-batches of 4+ queries go through BLAS (see below) and cost
+  up to ~4x less per query at 100k.
+- IVF on inner-product vectors whose norms carry popularity is hard: a query's top-10 spreads over many
+  lists, so recall >= 0.95 needed scanning 1/8-1/4 of the lists whatever nlist was. The scan is then ~N/8
+  vectors either way: at 1M, IVF1024 (nprobe 128) and IVF4096 (nprobe 512) traded places between two runs
+  (2.2-3.6 ms vs 2.6-4.0 ms per query), and nlist ~ sqrt(N) trains 1.4-2.4x faster (16-25 s vs 35-39 s
+  even with IVF4096's k-means on a 32-per-list sample), so sqrt(N), not 4*sqrt(N).
+  nprobe = nlist/8 gave recall 0.956 (100k) and 0.980 (1M) at nlist 1024, 0.989 at nlist 4096 (1M), and
+  1.000 on a plain equal-norm mixture (100k), where 1/16 was already enough.
+- HNSW32 is much faster at recall ~0.9 (0.015-0.23 ms) but saturates on these vectors: 0.989 (100k) and 0.949
+  (1M) at efSearch 512; efConstruction 128 made it worse (0.927 at 100k, 0.855 at 1M), so faiss's 40 stays.
+  Memory is 2x Flat (~536 B/item with ids).
+- faiss 1.15.1 compares `distance_compute_blas_threshold` with n_queries * dim (default 128000; older faiss
+  compared it with n_queries, default 20). ItemIndex's value 16 therefore forces BLAS even for one query:
+  a single Flat query was 2-3.4x slower; at one thread BLAS pays from 4 queries (100k and 1M).
+"""
+
+from __future__ import annotations
+
+import math
+
+FLAT_MAX_ITEMS = 100_000  # measured: < 1 ms per single query here (0.58-0.82 ms); 1M took 9.6-13.4 ms
+IVF_MIN_NLIST = 1024
+IVF_PROBE_FRACTION = 8  # nprobe = nlist / 8: recall 0.956 (100k), 0.980 (1M) at nlist 1024
+HNSW_EF_SEARCH = 128  # recall 0.969 at 100k, 0.908 at 1M, 0.928 plain mixture 100k (efConstruction 40)
+BLAS_MIN_BATCH = 4  # Flat at 1 thread: BLAS slower for 1-2 queries, faster from 4 (100k and 1M)
+
+
+def ivf_nlist(n_items: int) -> int:
+    """nlist ~ sqrt(N) as a power of two, at least 1024 (bigger lists only add k-means and coarse cost)."""
+    return max(IVF_MIN_NLIST, 2 ** round(math.log2(math.sqrt(max(n_items, 1)))))
+
+
+def recommended_factory(n_items: int, min_recall: float = 0.95) -> str:
+    """FAISS factory string for a catalogue of `n_items`: exact while it is cheap, else IVF for recall >= 0.95,
+    or HNSW32 when ~0.9 is enough (measured 0.908-0.969 at efSearch 128, 10-20x faster than IVF)."""
+    if n_items <= FLAT_MAX_ITEMS:
+        return "Flat"
+    if min_recall <= 0.9:
+        return "HNSW32"
+    return f"IVF{ivf_nlist(n_items)},Flat"
+
+
+def default_search_params(factory: str, n_items: int | None = None) -> dict[str, int]:
+    """Search-time knobs for `factory` (nprobe for IVF, efSearch for HNSW; none for Flat)."""
+    if factory.startswith("IVF"):
+        nlist = int(factory[3:].split(",")[0].split("_")[0])
+        return {"nprobe": max(1, nlist // IVF_PROBE_FRACTION)}
+    if factory.startswith("HNSW"):
+        return {"efSearch": HNSW_EF_SEARCH}
+    return {}
+
+
+def apply_search_params(cpu_index, params: dict[str, int]) -> None:
+    """Set `params` on the inner index of an ItemIndex's `cpu_index` (an IDMap2); both persist in write_index."""
+    import faiss
+
+    if "nprobe" in params:
+        faiss.extract_index_ivf(cpu_index).nprobe = params["nprobe"]
+    if "efSearch" in params:
+        inner = cpu_index.index if hasattr(cpu_index, "index") else cpu_index
+        faiss.downcast_index(inner).hnsw.efSearch = params["efSearch"]
+
+
+def flat_blas_threshold(dim: int, min_batch: int = BLAS_MIN_BATCH, faiss_version: str | None = None) -> int:
+    """Value for `faiss.cvar.distance_compute_blas_threshold` so that exact search uses BLAS from `min_batch`
+    queries. faiss 1.15.1 (checked) compares it with n_queries * dim; releases before the change
+    (facebookresearch/faiss#5022) compare it with n_queries: those are assumed for versions below 1.15."""
+    if faiss_version is None:
+        import faiss
+
+        faiss_version = faiss.__version__
+    major, minor = (int(p) for p in faiss_version.split(".")[:2])
+    return min_batch * dim if (major, minor) >= (1, 15) else min_batch
+
+
+__all__ = ["recommended_factory", "default_search_params", "apply_search_params", "flat_blas_threshold",
+           "ivf_nlist", "FLAT_MAX_ITEMS"]
