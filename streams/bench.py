@@ -100,6 +100,33 @@ def _stop(p: subprocess.Popen) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
+    """The model object alone (parse + Recommender.process per micro-batch, no Kafka, no Faust), in
+    this process: the cost of our own per-event work, with one BLAS/FAISS thread as in the worker."""
+    from streams.artifacts import load_artifact
+    from streams.events import parse_event
+    from streams.recommender import Incoming, Recommender
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        threadpool_limits = None
+    limiter = threadpool_limits(1) if threadpool_limits else None
+    rec = Recommender(load_artifact(art_path, index_threads=1))
+    msgs = list(_messages(users, items, types, 0, ts=1_700_000_000.0))
+    states: dict = {}
+    t0 = time.perf_counter()
+    for b in range(0, len(msgs), batch):
+        incs = [Incoming(parse_event(v, k), 0, b + j) for j, (k, v) in enumerate(msgs[b : b + batch])]
+        res = rec.process(incs, {i.event.user_id: states.get(i.event.user_id) for i in incs}, {})
+        states.update(res.states)
+    secs = time.perf_counter() - t0
+    if limiter is not None:
+        limiter.unregister()
+    return {"events": len(msgs), "seconds": round(secs, 3), "events_per_s": round(len(msgs) / secs, 1),
+            "us_per_event": round(secs / len(msgs) * 1e6, 1), "batch": batch}
+
+
 def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, dim: int = 64,
               bootstrap: str | None = None, latency_seconds: float = 10.0, latency_rate: float | None = None,
               systems: tuple[str, ...] = ("aiokafka", "faust", "lsti"), batch_max: int | None = None,
@@ -127,7 +154,11 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
         t0 = time.perf_counter()
         publish_raw(bootstrap, _messages(users, items, types, 0, ts=1_700_000_000.0), topics.events)
         result["publish_seconds"] = round(time.perf_counter() - t0, 2)
-        for name in systems:
+        if "model" in systems:
+            result["systems"]["model"] = model_only(art, users, items, types, batch_max or 500)
+            if progress:
+                print(f"model: {json.dumps(result['systems']['model'])}", file=sys.stderr, flush=True)
+        for name in (x for x in systems if x != "model"):
             out_topic = f"bench-{run}.out-{name}" if name != "lsti" else topics.recommendations
             ensure_topics(bootstrap, 4, Topics(topics.events, out_topic, topics.dlq, topics.long_term))
             reader = TopicReader(bootstrap, out_topic)

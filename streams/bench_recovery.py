@@ -73,7 +73,7 @@ def run_recovery_bench(n_users: int = 100_000, bootstrap: str | None = None, dim
             w.wait_ready(timeout=600)
             ready = time.perf_counter() - t_start
             before = len(reader.records)
-            prod.send(topics.events, key=b"u1", value=event_json(f"probe-{case}", "u1", "item1", "view", 1.8e9))
+            prod.send(topics.events, key=b"u1", value=event_json(f"probe-{case}", "u1", "item1", "view", time.time()))
             prod.flush()
             while len(reader.records) == before and time.perf_counter() - t_start < 900:
                 time.sleep(0.05)

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--users", type=int, default=100_000, help="Zipf-distributed users (default 100,000)")
     bs.add_argument("--items", type=int, default=10_000, help="catalogue size (default 10,000)")
     bs.add_argument("--dim", type=int, default=64)
-    bs.add_argument("--systems", default="aiokafka,faust,lsti", help="comma list of aiokafka, faust, lsti")
+    bs.add_argument("--systems", default="model,aiokafka,faust,lsti",
+                    help="comma list of model (our code alone, no Kafka), aiokafka, faust, lsti")
     bs.add_argument("--latency-seconds", type=float, default=10.0)
     bs.add_argument("--latency-rate", type=float, help="events/s for the latency run (default: half the sustained)")
     bs.add_argument("--batch-max", type=int, help="worker micro-batch size")
