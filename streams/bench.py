@@ -220,7 +220,7 @@ def _latency(bootstrap: str, topic: str, reader, rate: float, seconds: float, st
     m = int(rate * seconds)
     users, items, types = zipf_stream(m, n_users, n_items, seed=1)
     before = len(reader.records)
-    prod = producer(bootstrap, linger_ms=0)
+    prod = producer(bootstrap, linger_ms=1)
     t0 = time.perf_counter()
     for j, (u, i, t) in enumerate(zip(users, items, types, strict=True)):
         key, value = next(_messages([u], [i], [t], start + j))

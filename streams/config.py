@@ -60,6 +60,7 @@ class WorkerSettings:
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
+            producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 5)),
             security=faust_security_from_env(),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
