@@ -84,6 +84,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         web_bind=s.web_bind,
         web_host=s.web_bind,
         table_standby_replicas=0,
+        processing_guarantee=s.processing_guarantee,
         **s.security,
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")

@@ -46,6 +46,7 @@ class WorkerSettings:
     heartbeat: float = 1.0
     producer_linger_ms: int = 5
     loglevel: str = "info"
+    processing_guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
     security: dict = field(default_factory=dict)  # SASL/TLS settings passed through to Faust
 
@@ -61,6 +62,7 @@ class WorkerSettings:
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
             producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 5)),
+            processing_guarantee=env.get("LSTI_PROCESSING_GUARANTEE", "at_least_once"),
             security=faust_security_from_env(),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})

@@ -62,11 +62,12 @@ def start_worker(kafka, tiny_artifact, tmp_path, namespace):
 
     workers = []
 
-    def _start(name: str = "w1", extra: list[str] | None = None) -> WorkerProcess:
+    def _start(name: str = "w1", extra: list[str] | None = None, extra_env: dict | None = None) -> WorkerProcess:
+        extra_env = extra_env or {}
         w = WorkerProcess(kafka, tiny_artifact, tmp_path / name, log_path=tmp_path / f"{name}.log",
                           extra=["--app-id", namespace["app_id"], "--topic-prefix", namespace["prefix"],
                                  *(extra or [])],
-                          env={"LSTI_SESSION_TIMEOUT": "3"})
+                          env={"LSTI_SESSION_TIMEOUT": "3", **extra_env})
         workers.append(w.start())
         w.wait_ready()
         return w

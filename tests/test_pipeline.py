@@ -109,3 +109,18 @@ def _wait_raw(reader: TopicReader, n: int, timeout: float = 60.0):
     while len(reader.records) < n and time.time() < deadline:
         time.sleep(0.1)
     return list(reader.records)
+
+
+def test_exactly_once_processing_guarantee_option(kafka, start_worker, namespace):
+    """Faust's processing_guarantee='exactly_once' (Kafka transactions) runs on the embedded broker."""
+    topics = Topics.with_prefix(namespace["prefix"])
+    ensure_topics(kafka, 4, topics)
+    worker = start_worker(extra_env={"LSTI_PROCESSING_GUARANTEE": "exactly_once"})
+    recs = TopicReader(kafka, topics.recommendations)
+    recs.start()
+    sent = _events(100)
+    publish_raw(kafka, sent, topics.events)
+    got = _wait(recs, len(sent))
+    recs.stop_flag.set()
+    assert sorted(r["event_id"] for r in got) == sorted(f"e{j}" for j in range(len(sent)))
+    assert _metrics(worker.web_port)["applied"] == len(sent)
