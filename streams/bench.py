@@ -130,7 +130,8 @@ def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
 def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, dim: int = 64,
               bootstrap: str | None = None, latency_seconds: float = 10.0, latency_rate: float | None = None,
               systems: tuple[str, ...] = ("aiokafka", "faust", "lsti"), batch_max: int | None = None,
-              batch_within: float | None = None, progress: bool = True, profile: Path | None = None) -> dict:
+              batch_within: float | None = None, progress: bool = True, profile: Path | None = None,
+              workers: int = 1) -> dict:
     from streams.broker import EmbeddedKafka
     from streams.kafka_tools import TopicReader, ensure_topics, publish_raw
     from streams.worker import WorkerProcess, free_port
@@ -143,7 +144,8 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
         broker = EmbeddedKafka(home / "kafka")
         bootstrap = broker.start()
     run = uuid.uuid4().hex[:6]
-    result: dict = {"events": n, "users": n_users, "items": n_items, "dim": dim, "event_mix": TAOBAO_MIX,
+    result: dict = {"events": n, "users": n_users, "workers": workers, "items": n_items, "dim": dim,
+                    "event_mix": TAOBAO_MIX,
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "python": platform.python_version()}, "systems": {}}
     try:
@@ -171,8 +173,11 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
                     extra += ["--batch-max", str(batch_max)]
                 if batch_within is not None:
                     extra += ["--batch-within", str(batch_within)]
-                worker = WorkerProcess(bootstrap, art, home / f"{run}-worker", log_path=log, extra=extra).start()
-                proc = worker.proc
+                fleet = [WorkerProcess(bootstrap, art, home / f"{run}-worker{w}", log_path=log, extra=extra).start()
+                         for w in range(workers)]
+                for w in fleet:
+                    w.wait_ready()
+                worker, proc = fleet[0], fleet[0].proc
             else:
                 cmd = [sys.executable, "-m", "streams.bench_refs", name, "--bootstrap", bootstrap, "--src",
                        topics.events, "--dst", out_topic, "--group", f"bench-{run}-{name}", "-n", str(n),
@@ -195,7 +200,8 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
                 spy.wait(60)
             reader.stop_flag.set()
             if worker is not None:
-                worker.stop()
+                for w in fleet:
+                    w.stop()
             else:
                 _stop(proc)
             result["systems"][name] = stats

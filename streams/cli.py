@@ -190,7 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = run_bench(n=args.n, n_users=args.users, n_items=args.items, dim=args.dim, bootstrap=args.bootstrap,
                     latency_seconds=args.latency_seconds, latency_rate=args.latency_rate,
                     systems=tuple(args.systems.split(",")), batch_max=args.batch_max,
-                    batch_within=args.batch_within, profile=args.profile)
+                    batch_within=args.batch_within, profile=args.profile, workers=args.workers)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--latency-rate", type=float, help="events/s for the latency run (default: half the sustained)")
     bs.add_argument("--batch-max", type=int, help="worker micro-batch size")
     bs.add_argument("--batch-within", type=float, help="worker micro-batch wait (s)")
+    bs.add_argument("--workers", type=int, default=1, help="LSTI worker processes (same group, split partitions)")
     bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
     bs.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bs.set_defaults(func=cmd_bench)
