@@ -7,6 +7,8 @@ history other than the target are masked. Model selection uses validation target
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -14,10 +16,14 @@ import numpy as np
 import torch
 
 from encoders.data import Interactions
+from encoders.itemknn import ItemKNN, ItemKNNConfig
 from encoders.metrics import summarize, target_ranks
 from encoders.model import MODES, LSTIConfig, LSTIModel
-from encoders.split import EvalCase, LeaveOneOut
-from encoders.train import TrainConfig, evaluate_lsti, pick_device, train_lsti
+from encoders.sasrec import SASRec, SASRecConfig
+from encoders.split import EvalCase, LeaveOneOut, Sequence
+from encoders.train import TrainConfig, evaluate_lsti, fit, pick_device, train_lsti
+
+MODELS = ("pop", "itemknn", "short", "long", "fused", "sasrec")
 
 PROTOCOL = {
     "split": "leave-one-out by time (last event = test, second last = validation, rest = training)",
@@ -39,12 +45,44 @@ def evaluate_static(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases:
     return summarize(np.concatenate(ranks) if ranks else np.zeros(0))
 
 
+def evaluate_sasrec(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256) -> dict:
+    """Same masking and ranking as every other model: SASRec scores from each user's last max_len items."""
+    model.eval()
+    return evaluate_static(lambda c: model.scores([x.history for x in c], device), cases, batch)
+
+
+def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
+                 progress: bool = True) -> tuple[SASRec, dict]:
+    """SASRec through the same loop as LSTI: same windows, optimiser, schedule, early stopping."""
+    cfg = cfg.resolved("sasrec")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model = SASRec(model_cfg).to(device)
+    valid = split.cases("valid")
+
+    def batch_loss(batch: list[Sequence]) -> torch.Tensor:
+        return model.batch_loss(batch, device)
+
+    model, info = fit(model, batch_loss, lambda: evaluate_sasrec(model, valid, device), split, model_cfg.max_len,
+                      cfg, "sasrec", progress)
+    info.update(device=device, lr=cfg.lr)
+    return model, info
+
+
 def text_vectors_for(data: Interactions, progress: bool = True) -> np.ndarray:
     """BERT vectors of all item texts, row 0 = padding."""
     from encoders.text import TextEncoder
 
     vecs = TextEncoder().encode(data.item_texts[1:], progress=progress)
     return np.vstack([np.zeros((1, vecs.shape[1]), np.float32), vecs])
+
+
+def _known(cls: type, cfg: dict | None) -> dict:
+    """The keys of `cfg` that the config dataclass `cls` has: one --dim flag serves every model."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in (cfg or {}).items() if k in names}
 
 
 def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConfig | None = None,
@@ -59,20 +97,34 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
             return pop.expand(len(c), -1).clone()
         return {"test": evaluate_static(fn, test), "valid": evaluate_static(fn, valid),
                 "train_seconds": time.perf_counter() - start}
+    if name == "itemknn":
+        knn = ItemKNN(ItemKNNConfig(**_known(ItemKNNConfig, model_cfg)), split.data.n_items).fit(split)
+        return {"test": evaluate_static(knn.scores, test), "valid": evaluate_static(knn.scores, valid),
+                "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict()}
+    if name == "sasrec":
+        scfg = SASRecConfig(n_items=split.data.n_items, **_known(SASRecConfig, model_cfg))
+        tcfg = copy.copy(train_cfg or TrainConfig())
+        tcfg.seed = seed
+        smodel, info = train_sasrec(split, scfg, tcfg, progress)
+        device = pick_device(tcfg.device)
+        return {"test": evaluate_sasrec(smodel, test, device), "valid": evaluate_sasrec(smodel, valid, device),
+                "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
+                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict()}
     if name in MODES:
         if model is None:
             if text_vectors is None:
                 text_vectors = text_vectors_for(split.data, progress)
-            cfg = LSTIConfig(n_items=split.data.n_items, mode=name, **(model_cfg or {}))
-            tcfg = train_cfg or TrainConfig()
+            cfg = LSTIConfig(n_items=split.data.n_items, mode=name, **_known(LSTIConfig, model_cfg))
+            tcfg = copy.copy(train_cfg or TrainConfig())
             tcfg.seed = seed
             model, info = train_lsti(split, text_vectors, cfg, tcfg, progress=progress)
         else:
-            info = {"train_seconds": 0.0, "epochs_run": 0, "note": "pre-trained artifact"}
+            info = {"train_seconds": 0.0, "epochs_run": 0, "best_epoch": 0, "note": "pre-trained artifact"}
         device = pick_device(train_cfg.device if train_cfg else None)
         model = model.to(device)
         return {"test": evaluate_lsti(model, test, device), "valid": evaluate_lsti(model, valid, device),
-                "train_seconds": info["train_seconds"], "epochs": info["epochs_run"]}
+                "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
+                "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict()}
     raise ValueError(f"unknown model {name!r}")
 
 

@@ -26,7 +26,7 @@ def target_ranks(scores: torch.Tensor, cases: list[EvalCase]) -> np.ndarray:
     Half the ties is the expected rank under random tie-breaking, so a constant scorer gets chance
     level and no model gains from ties.
     """
-    scores = mask_history(scores.float(), cases)
+    scores = mask_history(torch.nan_to_num(scores.float(), nan=-torch.inf), cases)
     targets = torch.tensor([c.target for c in cases], device=scores.device)
     tscore = scores.gather(1, targets.unsqueeze(1))
     higher = (scores > tscore).sum(1)

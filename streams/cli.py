@@ -43,19 +43,20 @@ def _add_data(p: argparse.ArgumentParser, default_dataset: str | None = "ml-1m")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping on validation)")
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
-    p.add_argument("--dim", type=int, default=64, help="embedding size")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 20; early stopping on validation)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (default 14)")
+    p.add_argument("--dim", type=int, help="embedding size (default 128)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec)")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
 
 
 def _train_cfgs(args: argparse.Namespace, seed: int = 0):
     from encoders.train import TrainConfig
 
-    return (TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                        device=args.device, max_minutes=args.max_minutes), {"dim": args.dim})
+    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes")
+             if getattr(args, k, None) is not None}
+    return TrainConfig(seed=seed, **given), ({"dim": args.dim} if args.dim else {})
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -139,8 +140,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if art.model.cfg.n_items != data.n_items or art.model.cfg.mode != args.model:
             sys.exit("error: --artifact was built from other data or another model mode")
         model = art.model
-    tv = text_vectors_for(data, progress=not args.quiet) if args.model != "pop" and model is None else None
-    seeds = [0] if model is not None or args.model == "pop" else list(range(args.seeds))
+    uses_text = args.model in ("fused", "short", "long") and model is None
+    tv = text_vectors_for(data, progress=not args.quiet) if uses_text else None
+    seeds = [0] if model is not None or args.model in ("pop", "itemknn") else list(range(args.seeds))
     for seed in seeds:
         tcfg, mcfg = _train_cfgs(args, seed)
         runs.append(run_model(args.model, split, seed, tcfg, mcfg, progress=not args.quiet, text_vectors=tv,
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bootstrap(d)
     _add_data(d)
     _add_train(d)
-    d.set_defaults(epochs=40, max_minutes=4.0)
+    d.set_defaults(max_minutes=4.0)
     d.add_argument("--users", type=int, default=200, help="replay the full histories of this many users")
     d.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     d.add_argument("--show", type=int, default=5, help="recommendations to print as they arrive")
