@@ -165,9 +165,18 @@ def create_app(s: WorkerSettings) -> faust.App:
                          "refused_versions": live.refused, "items_added": live.items_added,
                          "items": len(live.recommender.item_ids) - 1, **metrics.counts()})
 
+    def lag() -> dict[int, int]:
+        """Events not yet read per assigned partition of `events` (log end - read offset, Faust's monitor)."""
+        mon = app.monitor
+        return {tp.partition: max(0, int(end) - int(mon.tp_read_offsets.get(tp, -1)) - 1)
+                for tp, end in mon.tp_end_offsets.items() if tp.topic == s.topics.events}
+
     @app.page("/metrics")
     async def prometheus(web, request):
-        return web.text(metrics.prometheus(), content_type="text/plain")
+        lines = ["# HELP lsti_consumer_lag Events behind the log end, per partition of the events topic",
+                 "# TYPE lsti_consumer_lag gauge"]
+        lines += [f'lsti_consumer_lag{{partition="{p}"}} {n}' for p, n in sorted(lag().items())]
+        return web.text(metrics.prometheus() + "\n".join(lines) + "\n", content_type="text/plain")
 
     app.lsti_metrics = metrics  # type: ignore[attr-defined]
     return app

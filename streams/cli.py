@@ -106,6 +106,18 @@ def cmd_consume(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams.kafka_tools import publish, read_event_log, sort_by_time
 
+    if args.rebuild:
+        from streams.artifacts import default_artifacts_dir
+        from streams.build import find_artifact
+        from streams.rebuild import rebuild_changelog
+
+        artifact = args.artifact or find_artifact(default_artifacts_dir())
+        if artifact is None:
+            sys.exit("error: --rebuild needs a model artifact (--artifact DIR or artifacts/CURRENT)")
+        out = rebuild_changelog(_bootstrap(args), Path(artifact), list(read_event_log(args.file)), args.app_id,
+                                args.partitions, progress=not args.quiet)
+        print(json.dumps(out))
+        return 0
     records = sort_by_time(read_event_log(args.file))
     n = publish(_bootstrap(args), records, topic=args.topic, rate=args.rate, total=len(records),
                 progress=not args.quiet, desc="replay")
@@ -257,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--topic", default="events")
     rep.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--rebuild", action="store_true", help="new deployment: compute every user's state offline "
+                     "and write it to the table changelog (workers then start from it), instead of streaming")
+    rep.add_argument("--artifact", type=Path, help="with --rebuild: model artifact (default: artifacts/CURRENT)")
+    rep.add_argument("--app-id", default="lsti", help="with --rebuild: the workers' app id")
+    rep.add_argument("--partitions", type=int, default=4, help="with --rebuild: partitions of the events topic")
     rep.set_defaults(func=cmd_replay)
 
     t = sub.add_parser("train", help="train a model and write a versioned artifact (weights, index, vectors)")

@@ -267,3 +267,32 @@ def test_online_recommendations_equal_offline_ranking(kafka, start_worker, names
     assert res["answered"] == res["events"] == len(data.items)
     assert res["same_topk"] >= 0.99, res
     assert abs(res["hr_next_online"] - res["hr_next_offline"]) <= 0.01, res
+
+
+def test_rebuild_writes_the_states_a_worker_starts_from(kafka, start_worker, namespace, tiny_artifact, tmp_path):
+    """`lsti replay --rebuild`: states computed offline, written to the changelog; a fresh worker recovers
+    them, continues from them, and refuses the same history sent again."""
+    topics = Topics.with_prefix(namespace["prefix"])
+    ensure_topics(kafka, 4, topics)
+    msgs, per_user = make_stream(n_users=40, n_events=1_000, seed=9)
+    log_path = tmp_path / "history.jsonl"
+    log_path.write_text("".join(v.decode() + "\n" for _, v in msgs))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "streams.cli", "replay", str(log_path), "--rebuild", "--bootstrap", kafka,
+                    "--artifact", str(tiny_artifact), "--app-id", namespace["app_id"], "-q"],
+                   check=True, env=env, timeout=120)
+    rebuilt = table_states(kafka, namespace["app_id"], tiny_artifact)
+    assert_exactly_once(rebuilt, offline_states(tiny_artifact, per_user))
+    worker = start_worker()
+    publish_raw(kafka, msgs[:50], topics.events)  # history again: refused, not applied twice
+    wait_until(lambda: health(worker.web_port)["consumed"] == 50, 60, "the resent history")
+    assert health(worker.web_port)["dead_lettered"] == 50
+    uid = "u1"
+    new = [(uid.encode(), event_json("fresh-1", uid, "i7", "view", 1_700_000_000))]
+    publish_raw(kafka, new, topics.events)
+    wait_until(lambda: health(worker.web_port)["applied"] == 1, 60, "the new event")
+    per_user[uid] = per_user[uid] + [("i7", "view", 1_700_000_000)]
+    time.sleep(1.5)
+    states = table_states(kafka, namespace["app_id"], tiny_artifact)
+    assert states[uid][0] == len(per_user[uid])
+    np.testing.assert_allclose(states[uid][1], offline_states(tiny_artifact, {uid: per_user[uid]})[uid][1], atol=1e-4)

@@ -67,6 +67,10 @@ def test_n_events_give_n_recommendations(kafka, start_worker, namespace):
         assert not set(recent_before) & {it["item_id"] for it in r["items"]}
     m = _metrics(worker.web_port)
     assert m["consumed"] == m["applied"] == len(sent)
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=5) as r:
+        prom = r.read().decode()
+    assert f"lsti_events_applied_total {len(sent)}" in prom
+    assert "lsti_event_latency_ms_bucket" in prom and "lsti_consumer_lag" in prom
 
 
 def test_bad_events_are_dead_lettered_and_the_worker_keeps_going(kafka, start_worker, namespace):
