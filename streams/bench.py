@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -132,17 +131,13 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
               systems: tuple[str, ...] = ("aiokafka", "faust", "lsti"), batch_max: int | None = None,
               batch_within: float | None = None, progress: bool = True, profile: Path | None = None,
               workers: int = 1) -> dict:
-    from streams.broker import EmbeddedKafka
+    from streams.broker import scratch_broker
     from streams.kafka_tools import TopicReader, ensure_topics, publish_raw
     from streams.worker import WorkerProcess, free_port
 
     home = state_home() / "bench"
     home.mkdir(parents=True, exist_ok=True)
-    broker = None
-    if not bootstrap:
-        shutil.rmtree(home / "kafka", ignore_errors=True)
-        broker = EmbeddedKafka(home / "kafka")
-        bootstrap = broker.start()
+    bootstrap, broker = scratch_broker(bootstrap, home / "kafka")
     run = uuid.uuid4().hex[:6]
     result: dict = {"events": n, "users": n_users, "workers": workers, "items": n_items, "dim": dim,
                     "event_mix": TAOBAO_MIX,

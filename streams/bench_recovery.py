@@ -9,7 +9,6 @@ intact. Measured: process start to Faust's "Ready", and to the first recommendat
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 
@@ -23,17 +22,13 @@ def run_recovery_bench(n_users: int = 100_000, bootstrap: str | None = None, dim
 
     from streams.artifacts import load_artifact
     from streams.bench import synthetic_artifact
-    from streams.broker import EmbeddedKafka
+    from streams.broker import scratch_broker
     from streams.events import event_json
     from streams.kafka_tools import TopicReader, ensure_topics, producer
     from streams.state import StateCodec
 
     home = state_home() / "bench-recovery"
-    broker = None
-    if not bootstrap:
-        shutil.rmtree(home / "kafka", ignore_errors=True)
-        broker = EmbeddedKafka(home / "kafka")
-        bootstrap = broker.start()
+    bootstrap, broker = scratch_broker(bootstrap, home / "kafka")
     run = uuid.uuid4().hex[:6]
     app_id, prefix = f"rec-{run}", f"rec-{run}."
     out: dict = {"users": n_users, "dim": dim}

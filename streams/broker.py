@@ -586,6 +586,16 @@ log4j.logger.org.apache.zookeeper=WARN
 """
 
 
+def scratch_broker(bootstrap: str | None, data_dir: Path) -> tuple[str, EmbeddedKafka | None]:
+    """`bootstrap` if given; else a fresh embedded broker in `data_dir` (wiped first) for one run of a
+    demo or benchmark. Returns the bootstrap and the broker to stop (None when not ours)."""
+    if bootstrap:
+        return bootstrap, None
+    shutil.rmtree(data_dir, ignore_errors=True)
+    broker = EmbeddedKafka(data_dir)
+    return broker.start(), broker
+
+
 def main_broker(data_dir: Path, port: int | None = None, heap_mb: int = 384) -> int:
     """Foreground ``lsti broker``: run a broker until Ctrl-C/SIGTERM, then stop it cleanly.
 

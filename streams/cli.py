@@ -179,6 +179,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def add_nightly_args(p: argparse.ArgumentParser) -> None:
+    """The options of `lsti nightly` (here, not in streams.nightly, so `lsti --help` does not import torch)."""
+    _add_bootstrap(p)
+    _add_data(p)
+    p.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
+    p.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all)")
+    p.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
+    p.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
+    p.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT")
+    p.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def cmd_nightly(args: argparse.Namespace) -> int:
     from streams.nightly import main_nightly
 
@@ -294,15 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     n = sub.add_parser("nightly", help="refresh without retraining: new items, long-term vectors, index; "
                        "publish, then make CURRENT")
-    _add_bootstrap(n)
-    _add_data(n)
-    n.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
-    n.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all)")
-    n.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
-    n.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
-    n.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT")
-    n.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
-    n.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_nightly_args(n)
     n.set_defaults(func=cmd_nightly)
 
     par = sub.add_parser("parity", help="online = offline: replay users through a worker and compare each "

@@ -49,8 +49,7 @@ def run_demo(args: Namespace) -> int:
     from streams.broker import EmbeddedKafka, find_running_broker
     from streams.build import build, find_artifact
     from streams.cli import _train_cfgs
-    from streams.kafka_tools import TopicReader, ensure_topics, producer
-    from streams.state import encode_vector
+    from streams.kafka_tools import TopicReader, ensure_topics, producer, publish_long_term
     from streams.worker import WorkerProcess
 
     t_start = time.perf_counter()
@@ -88,13 +87,7 @@ def run_demo(args: Namespace) -> int:
         long_users, long_vecs = art.long_term()
         long_of = dict(zip(long_users, long_vecs, strict=True))
         prod = producer(bootstrap)
-        n_long = 0
-        for u in users:
-            uid = data.user_ids[u]
-            if uid in long_of:
-                prod.send(topics.long_term, key=uid.encode(), value=encode_vector(long_of[uid]))
-                n_long += 1
-        prod.flush()
+        n_long = publish_long_term(prod, topics.long_term, long_of, [data.user_ids[u] for u in users])
 
         print("== starting a Faust worker process", flush=True)
         wdir = home / f"demo-worker-{run_id}"

@@ -117,6 +117,19 @@ def publish(bootstrap: str, records: Iterable[dict], topic: str = "events", rate
     return sent
 
 
+def publish_long_term(prod, topic: str, vectors_of: dict, user_ids) -> int:
+    """Send the long-term vectors of `user_ids` (those that have one) keyed by user; returns how many."""
+    from streams.state import encode_vector
+
+    n = 0
+    for uid in user_ids:
+        if uid in vectors_of:
+            prod.send(topic, key=uid.encode(), value=encode_vector(vectors_of[uid]))
+            n += 1
+    prod.flush()
+    return n
+
+
 def publish_raw(bootstrap: str, messages: Iterable[tuple[bytes | None, bytes | None]], topic: str) -> int:
     """Send (key, value) byte pairs untouched: for tests and for loading long-term vectors."""
     prod = producer(bootstrap)

@@ -389,21 +389,6 @@ def run_nightly(
     return result
 
 
-def add_nightly_args(p: argparse.ArgumentParser) -> None:
-    """The options of `lsti nightly` (the same lines as in the CLI wiring)."""
-    from streams.cli import _add_bootstrap, _add_data
-
-    _add_bootstrap(p)
-    _add_data(p)
-    p.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
-    p.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all)")
-    p.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
-    p.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
-    p.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT")
-    p.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
 def main_nightly(args: argparse.Namespace) -> int:
     """Entry point of `lsti nightly` (argparse options as documented in the CLI)."""
     bootstrap = None

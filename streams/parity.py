@@ -60,21 +60,14 @@ def run_parity(bootstrap: str, artifact_path: Path, data: Interactions, users: l
 
     from streams.artifacts import load_artifact
     from streams.events import event_json
-    from streams.kafka_tools import TopicReader, producer
-    from streams.state import encode_vector
+    from streams.kafka_tools import TopicReader, producer, publish_long_term
 
     art = load_artifact(artifact_path)
     long_users, long_vecs = art.long_term()
     long_of = dict(zip(long_users, long_vecs, strict=True))
     default = art.online.long_default
     prod = producer(bootstrap)
-    n_long = 0
-    for u in users:
-        uid = data.user_ids[u]
-        if uid in long_of:
-            prod.send(topics.long_term, key=uid.encode(), value=encode_vector(long_of[uid]))
-            n_long += 1
-    prod.flush()
+    n_long = publish_long_term(prod, topics.long_term, long_of, [data.user_ids[u] for u in users])
     deadline = time.time() + 60
     while time.time() < deadline:
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=5) as r:
@@ -116,12 +109,11 @@ def run_parity(bootstrap: str, artifact_path: Path, data: Interactions, users: l
 def main_parity(args) -> int:
     """`lsti parity`: the check above on a real dataset, with its own broker and worker unless --bootstrap."""
     import os
-    import shutil
     import uuid
 
     from encoders.data import load_dataset
     from streams.artifacts import default_artifacts_dir
-    from streams.broker import EmbeddedKafka
+    from streams.broker import scratch_broker
     from streams.build import find_artifact
     from streams.config import Topics, state_home
     from streams.kafka_tools import ensure_topics
@@ -131,12 +123,7 @@ def main_parity(args) -> int:
     if artifact is None:
         raise SystemExit("error: no artifact for this dataset: run `lsti train` first or pass --artifact")
     home = state_home() / "parity"
-    broker = None
-    bootstrap = args.bootstrap or os.environ.get("LSTI_BOOTSTRAP")
-    if not bootstrap:
-        shutil.rmtree(home / "kafka", ignore_errors=True)
-        broker = EmbeddedKafka(home / "kafka")
-        bootstrap = broker.start()
+    bootstrap, broker = scratch_broker(args.bootstrap or os.environ.get("LSTI_BOOTSTRAP"), home / "kafka")
     run = uuid.uuid4().hex[:6]
     topics = Topics.with_prefix(f"parity-{run}.")
     worker = None

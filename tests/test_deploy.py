@@ -21,16 +21,10 @@ SYSTEMD = DEPLOY / "systemd"
 
 
 def cli_parser() -> argparse.ArgumentParser:
-    """The real `lsti` parser; `nightly` is added from streams.nightly until the CLI wires it."""
+    """The real `lsti` parser."""
     from streams.cli import build_parser
 
-    p = build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    if "nightly" not in sub.choices:
-        from streams.nightly import add_nightly_args
-
-        add_nightly_args(sub.add_parser("nightly"))
-    return p
+    return build_parser()
 
 
 def lsti_invocations(command: str | list[str]) -> list[list[str]]:

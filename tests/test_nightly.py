@@ -159,7 +159,8 @@ def test_nightly_resumes_and_reuses_cache(tiny_artifact, nightly_inputs, monkeyp
 
 def test_main_nightly_cli(tiny_artifact, nightly_inputs, capsys, monkeypatch):
     from streams.artifacts import current_version
-    from streams.nightly import add_nightly_args, main_nightly
+    from streams.cli import add_nightly_args
+    from streams.nightly import main_nightly
 
     monkeypatch.setenv("LSTI_CACHE", str(nightly_inputs["cache"]))
     p = argparse.ArgumentParser()
