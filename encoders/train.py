@@ -161,6 +161,8 @@ def fit(
             total, done = total + loss.item(), done + 1
             bar.set_postfix(loss=f"{total / done:.3f}")
         bar.close()
+        if done == 0:  # the time budget ran out before this epoch's first step: nothing new to evaluate
+            break
         metrics = evaluate()
         elapsed = time.perf_counter() - start
         history.append({"epoch": epoch, "loss": total / max(1, done), "valid": metrics, "seconds": elapsed})
