@@ -27,10 +27,7 @@ def _events(n: int, users: int = 12, items: int = 50):
 
 
 def _wait(reader: TopicReader, n: int, timeout: float = 60.0) -> list[dict]:
-    deadline = time.time() + timeout
-    while len(reader.records) < n and time.time() < deadline:
-        time.sleep(0.1)
-    return [json.loads(v) for _, v in reader.records]
+    return [json.loads(v) for _, v in _wait_raw(reader, n, timeout)]
 
 
 def _metrics(port: int) -> dict:

@@ -124,3 +124,16 @@ def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
     again = rec.process(first, {"u1": res.states["u1"]}, {})
     assert again.applied == 0 and again.duplicates == 3 and len(again.outputs) == 3
     assert again.states["u1"] == res.states["u1"]
+
+
+def test_state_codec_float16_variant_is_smaller_and_never_read_as_float32():
+    import numpy as np
+
+    half, full = StateCodec(8, "v1", np.float16), StateCodec(8, "v1")
+    st = half.empty(1)
+    st.h[0], st.c[0], st.count[0] = np.linspace(-1, 1, 8), 0.5, 3
+    raw = half.encode_one(st, 0)
+    assert len(raw) == half.size == full.size - 8 * 4
+    back = half.decode([raw])
+    np.testing.assert_allclose(back.h[0], st.h[0], atol=1e-3)
+    assert back.count[0] == 3 and full.decode([raw]).reset == 1
