@@ -15,13 +15,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from encoders.data import Interactions
+from encoders.data import EVENT_CODE, Interactions
 from encoders.itemknn import ItemKNN, ItemKNNConfig
 from encoders.metrics import summarize, target_ranks
 from encoders.model import MODES, LSTIConfig, LSTIModel
 from encoders.sasrec import SASRec, SASRecConfig
 from encoders.split import EvalCase, LeaveOneOut, Sequence
-from encoders.train import TrainConfig, evaluate_lsti, fit, pick_device, train_lsti
+from encoders.train import TrainConfig, evaluate_lsti, fit, lsti_ranks, pick_device, train_lsti
 
 MODELS = ("pop", "itemknn", "short", "long", "fused", "sasrec")
 
@@ -39,16 +39,40 @@ def popularity_scores(split: LeaveOneOut) -> np.ndarray:
     return np.bincount(d.items[split.train_mask()], minlength=d.n_items + 1).astype(np.float32)
 
 
+def static_ranks(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases: list[EvalCase],
+                 batch: int = 512) -> np.ndarray:
+    ranks = [target_ranks(scores_for(cases[i : i + batch]), cases[i : i + batch]) for i in range(0, len(cases), batch)]
+    return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
 def evaluate_static(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases: list[EvalCase],
                     batch: int = 512) -> dict:
-    ranks = [target_ranks(scores_for(cases[i : i + batch]), cases[i : i + batch]) for i in range(0, len(cases), batch)]
-    return summarize(np.concatenate(ranks) if ranks else np.zeros(0))
+    return summarize(static_ranks(scores_for, cases, batch))
+
+
+def sasrec_ranks(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256) -> np.ndarray:
+    """Same masking and ranking as every other model: SASRec scores from each user's last max_len items."""
+    model.eval()
+    return static_ranks(lambda c: model.scores([x.history for x in c], device), cases, batch)
 
 
 def evaluate_sasrec(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256) -> dict:
-    """Same masking and ranking as every other model: SASRec scores from each user's last max_len items."""
-    model.eval()
-    return evaluate_static(lambda c: model.scores([x.history for x in c], device), cases, batch)
+    return summarize(sasrec_ranks(model, cases, device, batch))
+
+
+def test_report(split: LeaveOneOut, cases: list[EvalCase], ranks: np.ndarray) -> dict:
+    """Test metrics over all cases, plus the subsets a dataset has: next-buy (targets that are buys, when
+    there are other event types) and, in the cold-start experiment, cold and warm targets."""
+    out = {"test": summarize(ranks)}
+    etypes = np.array([c.target_etype for c in cases])
+    buy = EVENT_CODE["buy"]
+    if len(set(split.data.etypes.tolist())) > 1 and (etypes == buy).any():
+        out["test_next_buy"] = summarize(ranks[etypes == buy])
+    if len(split.hidden_items):
+        cold = np.isin([c.target for c in cases], split.hidden_items)
+        out["test_cold"] = summarize(ranks[cold])
+        out["test_warm"] = summarize(ranks[~cold])
+    return out
 
 
 def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
@@ -59,7 +83,9 @@ def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model = SASRec(model_cfg).to(device)
+    model = SASRec(model_cfg)
+    model.hidden_items = torch.from_numpy(split.hidden_items)
+    model = model.to(device)
     valid = split.cases("valid")
 
     def batch_loss(batch: list[Sequence]) -> torch.Tensor:
@@ -95,11 +121,12 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         pop = torch.from_numpy(popularity_scores(split))
         def fn(c):
             return pop.expand(len(c), -1).clone()
-        return {"test": evaluate_static(fn, test), "valid": evaluate_static(fn, valid),
+        return {**test_report(split, test, static_ranks(fn, test)), "valid": evaluate_static(fn, valid),
                 "train_seconds": time.perf_counter() - start}
     if name == "itemknn":
         knn = ItemKNN(ItemKNNConfig(**_known(ItemKNNConfig, model_cfg)), split.data.n_items).fit(split)
-        return {"test": evaluate_static(knn.scores, test), "valid": evaluate_static(knn.scores, valid),
+        return {**test_report(split, test, static_ranks(knn.scores, test)),
+                "valid": evaluate_static(knn.scores, valid),
                 "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict()}
     if name == "sasrec":
         scfg = SASRecConfig(n_items=split.data.n_items, **_known(SASRecConfig, model_cfg))
@@ -107,7 +134,8 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         tcfg.seed = seed
         smodel, info = train_sasrec(split, scfg, tcfg, progress)
         device = pick_device(tcfg.device)
-        return {"test": evaluate_sasrec(smodel, test, device), "valid": evaluate_sasrec(smodel, valid, device),
+        return {**test_report(split, test, sasrec_ranks(smodel, test, device)),
+                "valid": evaluate_sasrec(smodel, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
                 "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict()}
     if name in MODES:
@@ -122,19 +150,29 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
             info = {"train_seconds": 0.0, "epochs_run": 0, "best_epoch": 0, "note": "pre-trained artifact"}
         device = pick_device(train_cfg.device if train_cfg else None)
         model = model.to(device)
-        return {"test": evaluate_lsti(model, test, device), "valid": evaluate_lsti(model, valid, device),
+        return {**test_report(split, test, lsti_ranks(model, test, device)),
+                "valid": evaluate_lsti(model, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
                 "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict()}
     raise ValueError(f"unknown model {name!r}")
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """Mean and (population) standard deviation over seeds of each test metric."""
-    keys = [k for k in runs[0]["test"] if k != "users"]
+def _mean_std(runs: list[dict], part: str) -> dict:
+    keys = [k for k in runs[0][part] if k != "users"]
     out = {}
     for k in keys:
-        vals = np.array([r["test"][k] for r in runs])
+        vals = np.array([r[part][k] for r in runs])
         out[k] = float(vals.mean())
         out[f"{k}_std"] = float(vals.std())
-    out["users"] = runs[0]["test"]["users"]
+    out["users"] = runs[0][part]["users"]
+    return out
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and (population) standard deviation over seeds of each test metric (top level), and of the
+    test subsets (`next_buy`, `cold`, `warm`) and validation metrics under their own keys."""
+    out = _mean_std(runs, "test")
+    for part in ("test_next_buy", "test_cold", "test_warm", "valid"):
+        if part in runs[0]:
+            out[part.removeprefix("test_")] = _mean_std(runs, part)
     return out

@@ -32,6 +32,8 @@ class LSTIConfig:
     max_len: int = 200
     dropout: float = 0.2
     mode: str = "fused"  # fused | short | long
+    gate_bias: float = 0.0  # initial gate bias: > 0 starts the fused model close to the short-term side
+    aux_weight: float = 0.0  # fused only: weight of the short-only and long-only losses added in training
 
     @property
     def n_types(self) -> int:
@@ -78,6 +80,10 @@ class LSTIModel(nn.Module):
         self.long_out = nn.Linear(cfg.text_dim, d)
         self.long_default = nn.Parameter(torch.zeros(d))
         self.gate = nn.Linear(2 * d + 2, d)
+        nn.init.constant_(self.gate.bias, cfg.gate_bias)
+        # Items hidden from training (the cold-start experiment): left out of the softmax, so training
+        # never learns that they exist, as with an item added after training.
+        self.register_buffer("hidden_items", torch.zeros(0, dtype=torch.long), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
 
     # -- item tower -------------------------------------------------------------------------------
@@ -132,8 +138,8 @@ class LSTIModel(nn.Module):
         g = torch.sigmoid(self.gate(torch.cat([s, long, gap_f.unsqueeze(-1), count_f.unsqueeze(-1)], -1)))
         return g * s + (1 - g) * long, g
 
-    def user_states(self, items: Tensor, etypes: Tensor, ts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """User vectors after every position [B, L, dim], gates, and the item vectors used."""
+    def branches(self, items: Tensor, etypes: Tensor, ts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(user vectors, gates, short-term, long-term) after every position [B, L, dim], and item vectors."""
         item_vecs = self.item_vectors()
         s = self.short_states(item_vecs, items, etypes, ts)
         long = self.long_states(items, etypes)
@@ -141,6 +147,11 @@ class LSTIModel(nn.Module):
         gaps[:, 1:] = ts[:, 1:] - ts[:, :-1]
         counts = torch.arange(1, items.shape[1] + 1, device=items.device).expand_as(items)
         u, g = self.fuse(s, long, gap_feature(gaps), count_feature(counts))
+        return u, g, s, long, item_vecs
+
+    def user_states(self, items: Tensor, etypes: Tensor, ts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """User vectors after every position [B, L, dim], gates, and the item vectors used."""
+        u, g, _, _, item_vecs = self.branches(items, etypes, ts)
         return u, g, item_vecs
 
     def score_users(self, users: Tensor, item_vecs: Tensor) -> Tensor:
@@ -149,13 +160,24 @@ class LSTIModel(nn.Module):
 
     def loss(self, items: Tensor, etypes: Tensor, ts: Tensor) -> Tensor:
         """Full-softmax cross-entropy of the next item at every real position (padding skipped, so no
-        logits are computed for it: about half the cost on length-mixed batches)."""
-        u, _, item_vecs = self.user_states(items[:, :-1], etypes[:, :-1], ts[:, :-1])
+        logits are computed for it: about half the cost on length-mixed batches).
+
+        With `aux_weight` > 0 (fused), the short-only and long-only vectors are also trained to rank the
+        next item on their own, so the gate mixes two vectors that each mean something in item space."""
+        u, _, s, long, item_vecs = self.branches(items[:, :-1], etypes[:, :-1], ts[:, :-1])
         target = items[:, 1:]
         valid = (items[:, :-1] > 0) & (target > 0)
-        logits = self.score_users(u[valid], item_vecs)
+        aux = self.cfg.aux_weight > 0 and self.cfg.mode == "fused"
+        rows = torch.cat([u[valid], s[valid], long[valid]]) if aux else u[valid]
+        logits = self.score_users(rows, item_vecs)
         logits[:, 0] = -1e9
-        return nn.functional.cross_entropy(logits, target[valid])
+        if len(self.hidden_items):
+            logits[:, self.hidden_items] = -1e9
+        if not aux:
+            return nn.functional.cross_entropy(logits, target[valid])
+        n = int(valid.sum())
+        per_row = nn.functional.cross_entropy(logits, target[valid].repeat(3), reduction="none")
+        return per_row[:n].mean() + self.cfg.aux_weight * (per_row[n : 2 * n].mean() + per_row[2 * n :].mean())
 
     @torch.no_grad()
     def final_states(self, items: Tensor, etypes: Tensor, ts: Tensor, lengths: Tensor):

@@ -78,6 +78,8 @@ class SASRec(nn.Module):
         for name, p in self.named_parameters():  # the reference's xavier init of every matrix
             if p.dim() > 1 and "norm" not in name:
                 nn.init.xavier_normal_(p)
+        # Items hidden from training (cold start) are left out of the softmax, as in LSTIModel.
+        self.register_buffer("hidden_items", torch.zeros(0, dtype=torch.long), persistent=False)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
@@ -111,6 +113,8 @@ class SASRec(nn.Module):
         h = self.encode(inp)[valid]
         logits = h @ self.item_vectors().T
         logits[:, 0] = -1e9
+        if len(self.hidden_items):
+            logits[:, self.hidden_items] = -1e9
         return nn.functional.cross_entropy(logits, target[valid])
 
     def batch_loss(self, seqs: list[Sequence], device: str) -> Tensor:

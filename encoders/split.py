@@ -34,13 +34,29 @@ class EvalCase:
     target_etype: int
 
 
-class LeaveOneOut:
-    """The split: `train_sequences`, then `cases('valid')` or `cases('test')`."""
+def hold_out_items(data: Interactions, fraction: float, seed: int = 0) -> np.ndarray:
+    """A random `fraction` of the items that have events (the cold-start experiment's new items)."""
+    seen = np.unique(data.items)
+    seen = seen[seen > 0]
+    n = int(round(fraction * len(seen)))
+    return np.sort(np.random.default_rng(seed).choice(seen, size=n, replace=False)) if n else np.zeros(0, np.int64)
 
-    def __init__(self, data: Interactions):
+
+class LeaveOneOut:
+    """The split: `train_sequences`, then `cases('valid')` or `cases('test')`.
+
+    `hidden_items` (cold start): every event of these items is removed from training, as if the items
+    were added to the catalogue after training; evaluation histories and targets still contain them.
+    """
+
+    def __init__(self, data: Interactions, hidden_items: np.ndarray | None = None):
         self.data = data
         counts = np.diff(data.user_offsets)
         self.eval_users = np.flatnonzero(counts >= MIN_EVENTS)
+        self.hidden_items = np.asarray(hidden_items if hidden_items is not None else [], dtype=np.int64)
+        self._visible = None
+        if len(self.hidden_items):
+            self._visible = ~np.isin(data.items, self.hidden_items)
 
     def _seq(self, u: int, start: int, end: int) -> Sequence:
         d = self.data
@@ -56,8 +72,12 @@ class LeaveOneOut:
         for u in range(self.data.n_users):
             s = int(self.data.user_offsets[u])
             end = self.train_end(u)
-            if end - s >= 2:
-                out.append(self._seq(u, s, end))
+            seq = self._seq(u, s, end)
+            if self._visible is not None:
+                keep = self._visible[s:end]
+                seq = Sequence(seq.user, seq.items[keep], seq.etypes[keep], seq.ts[keep])
+            if len(seq.items) >= 2:
+                out.append(seq)
         return out
 
     def train_mask(self) -> np.ndarray:
@@ -65,7 +85,7 @@ class LeaveOneOut:
         mask = np.zeros(len(self.data.items), dtype=bool)
         for u in range(self.data.n_users):
             mask[int(self.data.user_offsets[u]) : self.train_end(u)] = True
-        return mask
+        return mask if self._visible is None else mask & self._visible
 
     def cases(self, stage: str, target_etype: int | None = None) -> list[EvalCase]:
         """Evaluation cases; `target_etype` keeps only users whose target has that type (next-buy)."""

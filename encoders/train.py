@@ -107,9 +107,17 @@ def lsti_scores(model: LSTIModel, cases: list[EvalCase], device: str, batch_size
         yield chunk, model.score_users(u, item_vecs), g
 
 
+def lsti_ranks(model: LSTIModel, cases: list[EvalCase], device: str) -> np.ndarray:
+    """Target ranks in the order of `cases` (lsti_scores batches them by history length)."""
+    ranks = np.zeros(len(cases), dtype=np.int64)
+    pos = {id(c): i for i, c in enumerate(cases)}
+    for chunk, scores, _ in lsti_scores(model, cases, device):
+        ranks[[pos[id(c)] for c in chunk]] = target_ranks(scores, chunk)
+    return ranks
+
+
 def evaluate_lsti(model: LSTIModel, cases: list[EvalCase], device: str) -> dict[str, float]:
-    ranks = [target_ranks(scores, chunk) for chunk, scores, _ in lsti_scores(model, cases, device)]
-    return summarize(np.concatenate(ranks) if ranks else np.zeros(0))
+    return summarize(lsti_ranks(model, cases, device))
 
 
 def fit(
@@ -200,7 +208,9 @@ def train_lsti(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model = LSTIModel(model_cfg, torch.from_numpy(text_vectors)).to(device)
+    model = LSTIModel(model_cfg, torch.from_numpy(text_vectors))
+    model.hidden_items = torch.from_numpy(split.hidden_items)
+    model = model.to(device)
     valid = split.cases("valid")
 
     def batch_loss(batch: list[Sequence]) -> torch.Tensor:

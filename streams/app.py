@@ -27,6 +27,7 @@ from streams.control import Live, watch_items, watch_versions
 from streams.events import BadEvent, parse_event
 from streams.metrics import Metrics
 from streams.recommender import Incoming, Recommender
+from streams.stall_watch import StallWatch
 
 log = logging.getLogger("lsti.worker")
 
@@ -64,7 +65,8 @@ def aiokafka_security() -> dict:
 
 def create_app(s: WorkerSettings) -> faust.App:
     artifact = load_artifact(s.artifact, index_threads=1)
-    live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness), s.k, s.max_lateness)
+    live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness, state_dtype=s.state_dtype), s.k,
+                s.max_lateness)
     metrics = Metrics()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
              artifact.model.cfg.dim, artifact.index.backend)
@@ -115,8 +117,10 @@ def create_app(s: WorkerSettings) -> faust.App:
             recommender = live.recommender  # one model version per micro-batch; swaps happen in between
             metrics.consumed += len(batch)
             by_partition: dict[int, list] = defaultdict(list)
+            seen: dict[int, int] = {}
             for ev in batch:
                 msg = ev.message
+                seen[msg.partition] = msg.offset
                 try:
                     parsed = parse_event(ev.value, ev.key)
                 except BadEvent as exc:
@@ -151,10 +155,17 @@ def create_app(s: WorkerSettings) -> faust.App:
                 metrics.dead_lettered += len(res.dead)
                 metrics.resets += res.resets
             metrics.observe_batch(batch, time.perf_counter() - started)
+            stall.saw(seen)
+            if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:
+                stall.inject_stop_fetch(app)
+
+    stall = StallWatch(s.topics.events, stall_after=s.stall_after)
 
     @app.timer(interval=5.0)
     async def report():
         metrics.log_progress(log)
+        if s.stall_after > 0 and await stall.check(app, unstick=s.unstick_stalls):
+            metrics.stalls = stall.stalls
 
     @app.task
     async def follow_model_versions():

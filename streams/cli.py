@@ -49,14 +49,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec)")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--dropout", type=float, help="dropout (default 0.2)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--aux-weight", type=float, help="fused: weight of the short-only and long-only auxiliary losses")
+    p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (> 0 starts near the short-term side)")
 
 
 def _train_cfgs(args: argparse.Namespace, seed: int = 0):
     from encoders.train import TrainConfig
 
-    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes")
+    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay")
              if getattr(args, k, None) is not None}
-    return TrainConfig(seed=seed, **given), ({"dim": args.dim} if args.dim else {})
+    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate_bias")
+             if getattr(args, k, None) is not None}
+    return TrainConfig(seed=seed, **given), model
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -139,10 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from encoders.data import load_dataset
     from encoders.evaluate import PROTOCOL, aggregate, run_model, text_vectors_for
-    from encoders.split import LeaveOneOut
+    from encoders.split import LeaveOneOut, hold_out_items
 
     data = load_dataset(args.dataset, args.data_dir, args.events, args.items)
-    split = LeaveOneOut(data)
+    hidden = hold_out_items(data, args.cold_items) if args.cold_items else None
+    split = LeaveOneOut(data, hidden)
     runs = []
     model = None
     if args.artifact:
@@ -164,6 +171,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "users": runs[0]["test"]["users"], "n_items": data.n_items, "n_events": int(len(data.items)),
         **aggregate(runs), "train_seconds": [r["train_seconds"] for r in runs], "runs": runs,
     }
+    if hidden is not None:
+        out["cold_items"] = {"fraction": args.cold_items, "hidden_items": int(len(hidden)),
+                             "note": "every event of the hidden items removed from training and from the "
+                                     "training softmax; `cold` = test targets that are hidden items"}
     text = json.dumps(out, indent=None if args.json else 2)
     if args.json:
         print(text)
@@ -302,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
     e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
     e.add_argument("--artifact", type=Path, help="evaluate this trained artifact instead of training")
+    e.add_argument("--cold-items", type=float, default=0.0, metavar="FRAC",
+                   help="cold-start experiment: hide this fraction of items from training (e.g. 0.1) and "
+                        "report test targets among them (`cold`) apart")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)

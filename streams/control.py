@@ -39,7 +39,8 @@ class Live:
         cur = self.recommender.artifact
         if art.model.cfg.dim != cur.model.cfg.dim and art.weights_version == cur.weights_version:
             raise BadArtifact(f"{path}: dimension {art.model.cfg.dim} does not match its weights version")
-        return Recommender(art, k=self.k, max_lateness=self.max_lateness)
+        return Recommender(art, k=self.k, max_lateness=self.max_lateness,
+                           state_dtype=self.recommender.codec.dtype.name)
 
     async def swap_to(self, msg: dict) -> bool:
         version, path = msg.get("version"), msg.get("path")

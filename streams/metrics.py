@@ -22,6 +22,7 @@ class Metrics:
         self.resets = 0
         self.long_term_loaded = 0
         self.batches = 0
+        self.stalls = 0  # times the stall watch found events waiting and none consumed
         self.busy_seconds = 0.0
         self.hist = np.zeros(len(BUCKETS_MS), np.int64)
         self.lag_ms_sum = 0.0
@@ -42,7 +43,7 @@ class Metrics:
     def counts(self) -> dict:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
                 "dead_lettered": self.dead_lettered, "state_resets": self.resets, "batches": self.batches,
-                "long_term_loaded": self.long_term_loaded}
+                "long_term_loaded": self.long_term_loaded, "stalls": self.stalls}
 
     def log_progress(self, log: logging.Logger) -> None:
         t, n = self._last_report
@@ -61,6 +62,8 @@ class Metrics:
             ("lsti_events_duplicate_total", "Events skipped as already applied", self.duplicates),
             ("lsti_events_dead_lettered_total", "Events sent to the dead-letter topic", self.dead_lettered),
             ("lsti_state_resets_total", "User states reset after a model change", self.resets),
+            ("lsti_consumer_stalls_total", "Times events waited on an assigned partition and none was consumed",
+             self.stalls),
         ):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
         lines += ["# HELP lsti_event_latency_ms Broker append to recommendation sent",

@@ -41,13 +41,13 @@ class BatchResult:
 
 
 class Recommender:
-    def __init__(self, artifact: Artifact, k: int = 10, max_lateness: float = 0.0):
+    def __init__(self, artifact: Artifact, k: int = 10, max_lateness: float = 0.0, state_dtype: str = "float32"):
         self.artifact = artifact
         self.max_lateness = max_lateness
         self.version = artifact.version
         self.k = k
         self.online = artifact.online
-        self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version)
+        self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version, np.dtype(state_dtype))
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
         self._item_json = np.array([json.dumps(i) for i in artifact.item_ids], dtype=object)

@@ -67,19 +67,23 @@ class StateCodec:
             last_offset=np.full(n, -1, np.int64), last_ts=np.zeros(n, np.float64), count=np.zeros(n, np.int64))
 
     def decode(self, values: list[bytes | None]) -> StateBatch:
+        """Either precision is read (so a deployment can switch LSTI_STATE_DTYPE without losing states;
+        each state is rewritten in the configured one at its next event); other formats are reset."""
         out = self.empty(len(values))
         d = self.dim
+        layouts = {FORMAT: (np.dtype(np.float32), 8 * d), FORMAT16: (np.dtype(np.float16), 4 * d)}
         for r, v in enumerate(values):
             if v is None:
                 continue
             fmt, _n, _res, tag, part, off, ts, count = HEADER.unpack_from(v, 0)
-            if fmt != self.format or tag != self.tag or len(v) != self.size:
+            dtype, hc = layouts.get(fmt, (None, -1))
+            if dtype is None or tag != self.tag or len(v) != HEADER.size + hc + 12 * RECENT:
                 out.reset += 1
                 continue
-            body = np.frombuffer(v, self.dtype, 2 * d, HEADER.size)
+            body = np.frombuffer(v, dtype, 2 * d, HEADER.size)
             out.h[r], out.c[r] = body[:d], body[d:]
-            out.recent[r] = np.frombuffer(v, np.int32, RECENT, HEADER.size + self._hc)
-            out.recent_ids[r] = np.frombuffer(v, np.uint64, RECENT, HEADER.size + self._hc + 4 * RECENT)
+            out.recent[r] = np.frombuffer(v, np.int32, RECENT, HEADER.size + hc)
+            out.recent_ids[r] = np.frombuffer(v, np.uint64, RECENT, HEADER.size + hc + 4 * RECENT)
             out.last_partition[r], out.last_offset[r], out.last_ts[r], out.count[r] = part, off, ts, count
         return out
 

@@ -83,6 +83,14 @@ class WorkerProcess:
             time.sleep(0.3)
         raise TimeoutError(f"worker not ready after {timeout}s; log:\n{self.tail()}")
 
+    def log_text(self) -> str:
+        """This run's log (from where `start` found the file)."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
+
     def tail(self, n: int = 40) -> str:
         if not self.log_path.exists():
             return ""

@@ -156,6 +156,31 @@ def test_failover_between_two_workers(kafka, start_worker, namespace, tiny_artif
     assert_exactly_once(online, offline_states(tiny_artifact, per_user))
 
 
+def test_a_worker_whose_fetching_stops_is_caught_and_resumed(kafka, start_worker, namespace):
+    """The stall watch: fetching is stopped inside the worker the way Faust stops a partition under buffer
+    pressure (fault injection, no resume); the watch must see events waiting, log the consumer's flow
+    state and put the partitions back, so every event is still answered."""
+    topics = Topics.with_prefix(namespace["prefix"])
+    ensure_topics(kafka, 4, topics)
+    msgs, _ = make_stream(n_users=20, n_events=600, seed=4)
+    recs = TopicReader(kafka, topics.recommendations)
+    recs.start()
+    w = start_worker("w1", extra_env={"LSTI_FAULT_STOP_FETCH_AFTER": "100", "LSTI_STALL_AFTER": "3"})
+    publish_raw(kafka, msgs[:100], topics.events)
+    wait_until(lambda: len(unique_events(recs)) == 100, 60, "the first 100")
+    wait_until(lambda: "fault injection: fetching" in w.log_text(), 30, "the fault injection")
+    publish_raw(kafka, msgs[100:], topics.events)
+    wait_until(lambda: len(unique_events(recs)) == len(msgs), 90, "the stalled worker to resume")
+    recs.stop_flag.set()
+    log = w.log_text()
+    stalls = health(w.web_port)["stalls"]
+    assert stalls >= 1
+    time.sleep(11)  # idle now, past the 3 s threshold and two 5 s checks: an idle worker is not stalled
+    assert health(w.web_port)["stalls"] == stalls
+    assert "consumer stalled" in log and "resumed fetching of partitions" in log
+    assert "buffer_stopped" in log  # the snapshot says which partitions were stopped
+
+
 def fuzz_bad_events(n: int, seed: int = 3) -> list[tuple[bytes | None, bytes | None]]:
     rng = random.Random(seed)
     good = {"event_id": "x", "user_id": "u1", "item_id": "i1", "event_type": "view", "ts": 1_600_000_000}

@@ -126,7 +126,7 @@ def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
     assert again.states["u1"] == res.states["u1"]
 
 
-def test_state_codec_float16_variant_is_smaller_and_never_read_as_float32():
+def test_state_codec_float16_variant_is_smaller_and_either_precision_reads_both():
     import numpy as np
 
     half, full = StateCodec(8, "v1", np.float16), StateCodec(8, "v1")
@@ -134,6 +134,10 @@ def test_state_codec_float16_variant_is_smaller_and_never_read_as_float32():
     st.h[0], st.c[0], st.count[0] = np.linspace(-1, 1, 8), 0.5, 3
     raw = half.encode_one(st, 0)
     assert len(raw) == half.size == full.size - 8 * 4
-    back = half.decode([raw])
-    np.testing.assert_allclose(back.h[0], st.h[0], atol=1e-3)
-    assert back.count[0] == 3 and full.decode([raw]).reset == 1
+    for codec in (half, full):  # a deployment switching LSTI_STATE_DTYPE keeps every state
+        back = codec.decode([raw])
+        np.testing.assert_allclose(back.h[0], st.h[0], atol=1e-3)
+        assert back.count[0] == 3 and back.reset == 0
+    np.testing.assert_array_equal(half.decode([full.encode_one(st, 0)]).c[0], st.c[0])
+    # the other model's state, or a truncated one, is reset, never misread
+    assert StateCodec(8, "v2").decode([raw]).reset == 1 and full.decode([raw[:-1]]).reset == 1
