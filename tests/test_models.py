@@ -67,8 +67,9 @@ def test_itemknn_scores_co_occurring_items():
     split = LeaveOneOut(_data())
     knn = ItemKNN(ItemKNNConfig(neighbors=5, shrink=0.0), N_ITEMS).fit(split)
     assert knn.sim.shape == (N_ITEMS + 1, N_ITEMS + 1)
-    assert torch.all(knn.sim.diagonal() == 0) and torch.all(torch.isfinite(knn.sim))
-    assert torch.all((knn.sim > 0).sum(1) <= 5)
+    sim = knn.sim.toarray()
+    assert np.all(np.diag(sim) == 0) and np.all(np.isfinite(sim)) and sim.max() > 0
+    assert np.all((sim > 0).sum(1) <= 5)
     cases = split.cases("test")
     scores = knn.scores(cases)
     assert scores.shape == (len(cases), N_ITEMS + 1)
@@ -93,6 +94,27 @@ def test_lsti_trains_through_run_model(mode):
     out = run_model(mode, split, 0, tcfg, {"dim": 8, "type_dim": 4, "text_dim": 8}, progress=False,
                     text_vectors=_text())
     assert 0.0 <= out["valid"]["ndcg@10"] <= 1.0 and out["epochs"] == 1
+
+
+def test_cold_start_split_hides_items_from_every_model_and_reports_them_apart():
+    from encoders.split import hold_out_items
+    from encoders.train import train_lsti
+
+    data = _data()
+    hidden = hold_out_items(data, 0.2, seed=0)
+    assert len(hidden) == 4
+    split = LeaveOneOut(data, hidden)
+    assert not any(np.isin(s.items, hidden).any() for s in split.train_sequences())
+    assert not np.isin(data.items[split.train_mask()], hidden).any()
+    tcfg = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    pop = run_model("pop", split, 0, tcfg, progress=False)
+    n_cold = int(np.isin([c.target for c in split.cases("test")], hidden).sum())
+    assert pop["test_cold"]["users"] == n_cold and pop["test_warm"]["users"] == 12 - n_cold
+    cfg = LSTIConfig(n_items=data.n_items, text_dim=8, dim=8, type_dim=4, aux_weight=0.5)
+    model, _ = train_lsti(split, _text(), cfg, tcfg, progress=False)
+    emb = model.id_emb.weight.detach()
+    # hidden items never got a gradient (out of the data and of the softmax): ranked by their text alone
+    assert torch.all(emb[torch.from_numpy(hidden)] == 0) and emb.abs().sum() > 0
 
 
 def test_gate_is_a_convex_mix_of_short_and_long():
