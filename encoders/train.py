@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -178,7 +179,7 @@ def fit(
                f"hr@10 {metrics['hr@10']:.4f} ({elapsed:.0f}s)")
         log.info(msg)
         if progress:
-            tqdm.write(msg)
+            tqdm.write(msg, file=sys.stderr)  # stdout is for results (`lsti eval --json`)
         if metrics["ndcg@10"] > best:
             best, best_state, bad_epochs = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:

@@ -28,6 +28,7 @@ from streams.events import BadEvent, parse_event
 from streams.metrics import Metrics
 from streams.recommender import Incoming, Recommender
 from streams.stall_watch import StallWatch
+from streams.table_cache import TableCache
 
 log = logging.getLogger("lsti.worker")
 
@@ -101,13 +102,26 @@ def create_app(s: WorkerSettings) -> faust.App:
     long_term_topic = app.topic(s.topics.long_term, partitions=s.partitions, **raw)
     short_term = app.Table("short-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
     long_term = app.Table("long-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
+    short_cache, long_cache = TableCache(short_term), TableCache(long_term)
+    if not s.cache_tables:
+        short_cache.max_keys = long_cache.max_keys = 0
+
+    @app.on_partitions_revoked.connect
+    async def forget_cached_states(sender, revoked, **kwargs):
+        short_cache.clear()
+        long_cache.clear()
+
+    @app.on_partitions_assigned.connect
+    async def forget_cached_states_again(sender, assigned, **kwargs):
+        short_cache.clear()
+        long_cache.clear()
 
     @app.agent(long_term_topic)
     async def store_long_term(stream):
         """Nightly long-term vectors arrive keyed by user, co-partitioned with `events`."""
         async for event in stream.events():
             if event.key is not None and event.value is not None:
-                long_term[event.key] = event.value
+                long_cache[event.key] = event.value
                 metrics.long_term_loaded += 1
 
     @app.agent(events)
@@ -134,8 +148,8 @@ def create_app(s: WorkerSettings) -> faust.App:
                 with in_partition(group[-1][0]):
                     incs = [inc for _, inc in group]
                     users = {inc.event.user_id for inc in incs}
-                    states = {u: short_term.get(u.encode()) for u in users}
-                    longs = {u: long_term.get(u.encode()) for u in users}
+                    states = {u: short_cache.get(u.encode()) for u in users}
+                    longs = {u: long_cache.get(u.encode()) for u in users}
                     res = recommender.process(incs, states, longs)
                     # Outputs first, then state: a crash in between re-applies nothing (the state still has
                     # the old offset, so the events run again from the same state) and at worst repeats
@@ -149,7 +163,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                         await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
                                                          inc.offset))
                     for u, value in res.states.items():
-                        short_term[u.encode()] = value
+                        short_cache[u.encode()] = value
                 metrics.applied += res.applied
                 metrics.duplicates += res.duplicates
                 metrics.dead_lettered += len(res.dead)

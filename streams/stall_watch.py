@@ -88,13 +88,18 @@ class StallWatch:
         snap.update(idle_seconds=round(idle, 1), waiting=waiting)
         log.warning("consumer stalled: %s", snap)
         if unstick:
-            self.unstick(app, [tp for tp in app.consumer.assignment()
+            await self.unstick(app, [tp for tp in app.consumer.assignment()
                                if tp.topic == self.topic and tp.partition in waiting])
             self.last_progress = time.monotonic()
         return snap
 
-    def unstick(self, app, tps: Iterable) -> None:
-        """Put stuck partitions back into the fetch set and let the flow run (idempotent when healthy)."""
+    async def unstick(self, app, tps: Iterable) -> None:
+        """Put stuck partitions back into the fetch set and re-read them from the last commit.
+
+        Seen here after a failover under CPU load: the taken-over partitions were active, unpaused, with
+        flow on and empty buffers, the fetcher knew their log end, yet no record reached the agent. A seek
+        resets both the fetch position and Faust's read offset (below which Faust silently drops records).
+        Re-reading from the commit is safe: the per-user offset in each state skips what was applied."""
         consumer = app.consumer
         tps = set(tps)
         consumer._buffered_partitions.difference_update(tps)
@@ -103,9 +108,16 @@ class StallWatch:
             consumer.resume_flow()
         if not app.flow_control.is_active():
             app.flow_control.resume()
+        targets = {}
+        missing = [tp for tp in tps if consumer._committed_offset.get(tp) is None]
+        earliest = await asyncio.wait_for(consumer.earliest_offsets(*missing), 10.0) if missing else {}
+        for tp in tps:
+            committed = consumer._committed_offset.get(tp)
+            targets[tp] = committed if committed is not None else earliest.get(tp, 0)
+            await consumer.seek(tp, targets[tp])
         self.unstuck += 1
-        log.warning("resumed fetching of partitions %s", sorted(tp.partition for tp in tps))
-
+        log.warning("resumed fetching of partitions %s from offsets %s", sorted(tp.partition for tp in tps),
+                    {tp.partition: off for tp, off in sorted(targets.items())})
 
     def inject_stop_fetch(self, app) -> None:
         """Fault injection (tests): stop fetching every assigned partition of the topic the way Faust does
@@ -143,5 +155,23 @@ def flow_snapshot(app, topic: str) -> dict:
         "app_flow_active": app.flow_control.is_active(),
         "highwater": {tp.partition: c.highwater(tp) for tp in c.assignment() if tp.topic == topic},
         "committed": {tp.partition: c._committed_offset.get(tp) for tp in c.assignment() if tp.topic == topic},
+        "read_offset": {tp.partition: c._read_offset.get(tp) for tp in c.assignment() if tp.topic == topic},
+        "fetch_position": _positions(app, [tp for tp in c.assignment() if tp.topic == topic]),
         "queues": queues,
     }
+
+
+def _positions(app, tps: list) -> dict:
+    """aiokafka's fetch position per partition (None when it has none), read from its subscription state."""
+    try:
+        assignment = app.consumer._thread._consumer._subscription.subscription.assignment
+    except AttributeError:
+        return {}
+    out = {}
+    for tp in tps:
+        try:
+            st = assignment.state_value(tp)
+            out[tp.partition] = st.position if st is not None and st.has_valid_position else None
+        except Exception:  # internals of another aiokafka version: leave it out of the snapshot
+            out[tp.partition] = "?"
+    return out

@@ -36,3 +36,28 @@ def test_generic_adapter_and_leave_one_out(fixture_files):
         assert np.all(np.diff(s.ts) >= 0)
     mask = split.train_mask()
     assert mask.sum() == len(d.items) - 2 * 60
+
+
+def test_eval_cli_prints_one_json_object_with_protocol_seeds_and_cold_items(fixture_files):
+    """`lsti eval --json` is a contract: stdout is exactly one JSON object, progress goes to stderr."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from streams.config import REPO
+
+    events, items = fixture_files
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "eval", "--events", str(events), "--items", str(items), "--model",
+         "fused", "--epochs", "1", "--dim", "16", "--seeds", "2", "--cold-items", "0.1", "--aux-weight", "0.5",
+         "--json"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600,
+        check=True)
+    res = json.loads(out.stdout)
+    assert res["model"] == "fused" and res["seeds"] == [0, 1] and len(res["runs"]) == 2
+    assert res["protocol"]["ranking"].startswith("full ranking")
+    for key in ("ndcg@10", "ndcg@10_std", "hr@10", "ndcg@20", "hr@20", "users"):
+        assert key in res
+    assert res["cold_items"]["hidden_items"] > 0 and res["cold"]["users"] + res["warm"]["users"] == res["users"]
+    assert res["runs"][0]["config"]["aux_weight"] == 0.5
