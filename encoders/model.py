@@ -141,8 +141,12 @@ class LSTIModel(nn.Module):
     def branches(self, items: Tensor, etypes: Tensor, ts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(user vectors, gates, short-term, long-term) after every position [B, L, dim], and item vectors."""
         item_vecs = self.item_vectors()
-        s = self.short_states(item_vecs, items, etypes, ts)
-        long = self.long_states(items, etypes)
+        b, n = items.shape
+        # a single-branch mode skips the other branch's compute (the LSTM is most of a `long` epoch)
+        s = (self.short_states(item_vecs, items, etypes, ts) if self.cfg.mode != "long"
+             else item_vecs.new_zeros(b, n, self.cfg.dim))
+        long = (self.long_states(items, etypes) if self.cfg.mode != "short"
+                else item_vecs.new_zeros(b, n, self.cfg.dim))
         gaps = torch.zeros_like(ts)
         gaps[:, 1:] = ts[:, 1:] - ts[:, :-1]
         counts = torch.arange(1, items.shape[1] + 1, device=items.device).expand_as(items)
