@@ -128,6 +128,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def recommend(stream):
         async for batch in stream.take_events(s.batch_max, within=s.batch_within):
             started = time.perf_counter()
+            stall.batch_started = time.monotonic()
             recommender = live.recommender  # one model version per micro-batch; swaps happen in between
             metrics.consumed += len(batch)
             by_partition: dict[int, list] = defaultdict(list)
@@ -170,6 +171,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                 metrics.resets += res.resets
             metrics.observe_batch(batch, time.perf_counter() - started)
             stall.saw(seen)
+            stall.batch_started = None
             if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:
                 stall.inject_stop_fetch(app)
 

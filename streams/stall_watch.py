@@ -30,6 +30,9 @@ class StallWatch:
         self.unstuck = 0
         self.fault_done = False
         self.generation = None
+        self.batch_started: float | None = None  # set by the agent while it works on a micro-batch
+        self._reported_idle = False
+        self._reported_batch: float | None = None
 
     def saw(self, offsets: dict[int, int]) -> None:
         """The last offset the agent received per partition in a micro-batch."""
@@ -38,6 +41,7 @@ class StallWatch:
             if offset > last.get(partition, -1):
                 last[partition] = offset
         self.last_progress = time.monotonic()
+        self._reported_idle = False
 
     async def waiting(self, app) -> dict[int, int]:
         """Events at the broker beyond what the agent received, per assigned partition.
@@ -52,6 +56,7 @@ class StallWatch:
             return {}
         ends = await asyncio.wait_for(consumer.highwaters(*tps), timeout=10.0)
         out = {}
+        self._last_view = {"ends": {tp.partition: ends.get(tp) for tp in tps}, "seen": dict(self.last_offset)}
         for tp in tps:
             end = ends.get(tp)
             if end is None:
@@ -73,7 +78,13 @@ class StallWatch:
         if generation != self.generation:  # partitions may have moved: forget offsets from before
             self.generation = generation
             self.last_offset.clear()
-        idle = time.monotonic() - self.last_progress
+        now = time.monotonic()
+        if self.batch_started is not None and now - self.batch_started > self.stall_after \
+                and self._reported_batch != self.batch_started:
+            self._reported_batch = self.batch_started
+            log.warning("agent busy in one micro-batch for %.0f s; its stack:\n%s", now - self.batch_started,
+                        agent_stacks())
+        idle = now - self.last_progress
         if idle < self.stall_after:
             return None
         try:
@@ -82,6 +93,9 @@ class StallWatch:
             log.warning("stall watch: could not read end offsets: %r", exc)
             return None
         if not waiting:
+            if not self._reported_idle:  # once per idle period: what the watch compared, for a later look
+                self._reported_idle = True
+                log.info("idle %.0f s with nothing waiting: %s", idle, getattr(self, "_last_view", {}))
             return None
         self.stalls += 1
         snap = flow_snapshot(app, self.topic)
@@ -175,3 +189,16 @@ def _positions(app, tps: list) -> dict:
         except Exception:  # internals of another aiokafka version: leave it out of the snapshot
             out[tp.partition] = "?"
     return out
+
+
+def agent_stacks(limit: int = 12) -> str:
+    """The coroutine stacks of the running agent tasks (where a stuck micro-batch waits)."""
+    import io
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", "") or str(coro)
+        if "recommend" in name or "Agent" in name or "_execute_actor" in name:
+            task.print_stack(limit=limit, file=out)
+    return out.getvalue() or "(no agent task found)"
