@@ -90,8 +90,8 @@ def create_app(s: WorkerSettings) -> faust.App:
         processing_guarantee=s.processing_guarantee,
         # A rebalance need not wait for the agent to drain its micro-batch (failover got faster: 20-24 s vs
         # 28-38 s for the test). Events handed out before it may be seen again; the offset dedupe skips them.
-        # Known open problem: under heavy CPU load a surviving worker was seen to stop consuming after a
-        # failover (about 1 run in 4), with and without this setting.
+        # Under heavy CPU load a surviving worker was seen to stop consuming after a failover, with and
+        # without this setting: the stall watch below (streams/stall_watch.py) detects and repairs that.
         stream_wait_empty=False,
         **s.security,
     )
