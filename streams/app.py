@@ -195,7 +195,10 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def health(web, request):
         return web.json({"status": "ok", "model_version": live.recommender.version, "swaps": live.swaps,
                          "refused_versions": live.refused, "items_added": live.items_added,
-                         "items": len(live.recommender.item_ids) - 1, **metrics.counts()})
+                         "items": len(live.recommender.item_ids) - 1, **metrics.counts(),
+                         "table_cache": {"short_hits": short_cache.hits, "short_misses": short_cache.misses,
+                                         "long_hits": long_cache.hits, "long_misses": long_cache.misses,
+                                         "long_cached": len(long_cache)}})
 
     def lag() -> dict[int, int]:
         """Events not yet read per assigned partition of `events` (log end - read offset, Faust's monitor)."""

@@ -68,11 +68,14 @@ def run_parity(bootstrap: str, artifact_path: Path, data: Interactions, users: l
     default = art.online.long_default
     prod = producer(bootstrap)
     n_long = publish_long_term(prod, topics.long_term, long_of, [data.user_ids[u] for u in users])
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    deadline = time.time() + 120
+    while True:  # the comparison is meaningless before the worker holds every long-term vector
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=5) as r:
-            if json.loads(r.read())["long_term_loaded"] >= n_long:
-                break
+            health = json.loads(r.read())
+        if health["long_term_loaded"] >= n_long:
+            break
+        if time.time() > deadline:
+            raise TimeoutError(f"the worker loaded {health['long_term_loaded']} of {n_long} long-term vectors")
         time.sleep(0.3)
     offline: dict[str, list[str]] = {}
     next_item: dict[str, str] = {}

@@ -290,7 +290,7 @@ def test_online_recommendations_equal_offline_ranking(kafka, start_worker, names
     data = load_generic(*fixture_files)
     res = run_parity(kafka, tiny_artifact, data, list(range(data.n_users)), topics, worker.web_port)
     assert res["answered"] == res["events"] == len(data.items)
-    assert res["same_topk"] >= 0.99, res
+    assert res["same_topk"] >= 0.99, (res, health(worker.web_port))
     assert abs(res["hr_next_online"] - res["hr_next_offline"]) <= 0.01, res
 
 
