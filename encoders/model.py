@@ -34,6 +34,8 @@ class LSTIConfig:
     mode: str = "fused"  # fused | short | long
     gate_bias: float = 0.0  # initial gate bias: > 0 starts the fused model close to the short-term side
     aux_weight: float = 0.0  # fused only: weight of the short-only and long-only losses added in training
+    id_dropout: float = 0.0  # training only: share of items whose id embedding is hidden per batch, so the
+    # model also learns to score an item from its text alone, on the same scale (cold start, DropoutNet-style)
 
     @property
     def n_types(self) -> int:
@@ -89,7 +91,10 @@ class LSTIModel(nn.Module):
     # -- item tower -------------------------------------------------------------------------------
     def item_vectors(self) -> Tensor:
         """[n_items+1, dim]; row 0 (padding) is never recommended."""
-        return self.text_proj(self.text) + self.id_emb.weight
+        ids = self.id_emb.weight
+        if self.training and self.cfg.id_dropout > 0:
+            ids = ids * (torch.rand(ids.shape[0], 1, device=ids.device) >= self.cfg.id_dropout).to(ids.dtype)
+        return self.text_proj(self.text) + ids
 
     # -- short-term -------------------------------------------------------------------------------
     def step_inputs(self, item_vecs: Tensor, items: Tensor, etypes: Tensor, gaps: Tensor, first: Tensor):

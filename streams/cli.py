@@ -52,6 +52,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout (default 0.2)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--aux-weight", type=float, help="fused: weight of the short-only and long-only auxiliary losses")
+    p.add_argument("--id-dropout", type=float, help="share of items trained without their id embedding per batch "
+                   "(teaches scoring from text alone, for items new to the catalogue; default 0)")
     p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (> 0 starts near the short-term side)")
 
 
@@ -60,7 +62,7 @@ def _train_cfgs(args: argparse.Namespace, seed: int = 0):
 
     given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay")
              if getattr(args, k, None) is not None}
-    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate_bias")
+    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate_bias", "id_dropout")
              if getattr(args, k, None) is not None}
     return TrainConfig(seed=seed, **given), model
 

@@ -110,7 +110,7 @@ def test_cold_start_split_hides_items_from_every_model_and_reports_them_apart():
     pop = run_model("pop", split, 0, tcfg, progress=False)
     n_cold = int(np.isin([c.target for c in split.cases("test")], hidden).sum())
     assert pop["test_cold"]["users"] == n_cold and pop["test_warm"]["users"] == 12 - n_cold
-    cfg = LSTIConfig(n_items=data.n_items, text_dim=8, dim=8, type_dim=4, aux_weight=0.5)
+    cfg = LSTIConfig(n_items=data.n_items, text_dim=8, dim=8, type_dim=4, aux_weight=0.5, id_dropout=0.3)
     model, _ = train_lsti(split, _text(), cfg, tcfg, progress=False)
     emb = model.id_emb.weight.detach()
     # hidden items never got a gradient (out of the data and of the softmax): ranked by their text alone
