@@ -56,7 +56,9 @@ class StallWatch:
             return {}
         ends = await asyncio.wait_for(consumer.highwaters(*tps), timeout=10.0)
         out = {}
-        self._last_view = {"ends": {tp.partition: ends.get(tp) for tp in tps}, "seen": dict(self.last_offset)}
+        self._last_view = {"assigned": sorted(tp.partition for tp in tps),
+                           "ends": {tp.partition: ends.get(tp) for tp in tps}, "seen": dict(self.last_offset),
+                           "generation": self.generation}
         for tp in tps:
             end = ends.get(tp)
             if end is None:
