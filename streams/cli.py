@@ -163,7 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = art.model
     uses_text = args.model in ("fused", "short", "long") and model is None
     tv = text_vectors_for(data, progress=not args.quiet) if uses_text else None
-    seeds = [0] if model is not None or args.model in ("pop", "itemknn") else list(range(args.seeds))
+    first = args.first_seed
+    seeds = [0] if model is not None or args.model in ("pop", "itemknn") else list(range(first, first + args.seeds))
     for seed in seeds:
         tcfg, mcfg = _train_cfgs(args, seed)
         runs.append(run_model(args.model, split, seed, tcfg, mcfg, progress=not args.quiet, text_vectors=tv,
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(e)
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
     e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
+    e.add_argument("--first-seed", type=int, default=0, help="seeds run are FIRST..FIRST+SEEDS-1 (default 0)")
     e.add_argument("--artifact", type=Path, help="evaluate this trained artifact instead of training")
     e.add_argument("--cold-items", type=float, default=0.0, metavar="FRAC",
                    help="cold-start experiment: hide this fraction of items from training (e.g. 0.1) and "
