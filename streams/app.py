@@ -102,19 +102,16 @@ def create_app(s: WorkerSettings) -> faust.App:
     long_term_topic = app.topic(s.topics.long_term, partitions=s.partitions, **raw)
     short_term = app.Table("short-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
     long_term = app.Table("long-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    short_cache, long_cache = TableCache(short_term), TableCache(long_term)
-    if not s.cache_tables:
-        short_cache.max_keys = long_cache.max_keys = 0
+    cache_keys = 200_000 if s.cache_tables else 0
+    short_cache, long_cache = TableCache(short_term, cache_keys), TableCache(long_term, cache_keys)
 
-    @app.on_partitions_revoked.connect
-    async def forget_cached_states(sender, revoked, **kwargs):
+    async def forget_cached_states(sender, partitions, **kwargs):
+        """Any rebalance: partitions may move, so no cached read survives it."""
         short_cache.clear()
         long_cache.clear()
 
-    @app.on_partitions_assigned.connect
-    async def forget_cached_states_again(sender, assigned, **kwargs):
-        short_cache.clear()
-        long_cache.clear()
+    app.on_partitions_revoked.connect(forget_cached_states)
+    app.on_partitions_assigned.connect(forget_cached_states)
 
     @app.agent(long_term_topic)
     async def store_long_term(stream):
@@ -181,7 +178,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def report():
         metrics.log_progress(log)
         if s.stall_after > 0 and await stall.check(app, unstick=s.unstick_stalls):
-            metrics.stalls = stall.stalls
+            metrics.stalls += 1
 
     @app.task
     async def follow_model_versions():

@@ -26,13 +26,12 @@ class StallWatch:
         self.stall_after = stall_after
         self.last_offset: dict[int, int] = {}
         self.last_progress = time.monotonic()
-        self.stalls = 0
-        self.unstuck = 0
         self.fault_done = False
         self.generation = None
         self.batch_started: float | None = None  # set by the agent while it works on a micro-batch
         self._reported_idle = False
         self._reported_batch: float | None = None
+        self._last_view: dict = {}  # what `waiting` last compared, for the idle log line
 
     def saw(self, offsets: dict[int, int]) -> None:
         """The last offset the agent received per partition in a micro-batch."""
@@ -97,9 +96,8 @@ class StallWatch:
         if not waiting:
             if not self._reported_idle:  # once per idle period: what the watch compared, for a later look
                 self._reported_idle = True
-                log.info("idle %.0f s with nothing waiting: %s", idle, getattr(self, "_last_view", {}))
+                log.info("idle %.0f s with nothing waiting: %s", idle, self._last_view)
             return None
-        self.stalls += 1
         snap = flow_snapshot(app, self.topic)
         snap.update(idle_seconds=round(idle, 1), waiting=waiting)
         log.warning("consumer stalled: %s", snap)
@@ -131,7 +129,6 @@ class StallWatch:
             committed = consumer._committed_offset.get(tp)
             targets[tp] = committed if committed is not None else earliest.get(tp, 0)
             await consumer.seek(tp, targets[tp])
-        self.unstuck += 1
         log.warning("resumed fetching of partitions %s from offsets %s", sorted(tp.partition for tp in tps),
                     {tp.partition: off for tp, off in sorted(targets.items())})
 

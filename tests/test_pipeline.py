@@ -35,16 +35,22 @@ def _metrics(port: int) -> dict:
         return json.loads(r.read())
 
 
-def test_n_events_give_n_recommendations(kafka, start_worker, namespace):
+def _answered(kafka, start_worker, namespace, n: int, extra_env: dict | None = None):
+    """Start a worker, publish `n` events, wait for their `n` recommendations: (worker, sent, got)."""
     topics = Topics.with_prefix(namespace["prefix"])
     ensure_topics(kafka, 4, topics)
-    worker = start_worker()
+    worker = start_worker(extra_env=extra_env)
     recs = TopicReader(kafka, topics.recommendations)
     recs.start()
-    sent = _events(300)
+    sent = _events(n)
     publish_raw(kafka, sent, topics.events)
     got = _wait(recs, len(sent))
     recs.stop_flag.set()
+    return worker, sent, got
+
+
+def test_n_events_give_n_recommendations(kafka, start_worker, namespace):
+    worker, sent, got = _answered(kafka, start_worker, namespace, 300)
     assert len(got) == len(sent)
     assert sorted(r["event_id"] for r in got) == sorted(f"e{j}" for j in range(len(sent)))
     by_event = {f"e{j}": key.decode() for j, (key, _) in enumerate(sent)}
@@ -114,14 +120,7 @@ def _wait_raw(reader: TopicReader, n: int, timeout: float = 60.0):
 
 def test_exactly_once_processing_guarantee_option(kafka, start_worker, namespace):
     """Faust's processing_guarantee='exactly_once' (Kafka transactions) runs on the embedded broker."""
-    topics = Topics.with_prefix(namespace["prefix"])
-    ensure_topics(kafka, 4, topics)
-    worker = start_worker(extra_env={"LSTI_PROCESSING_GUARANTEE": "exactly_once"})
-    recs = TopicReader(kafka, topics.recommendations)
-    recs.start()
-    sent = _events(100)
-    publish_raw(kafka, sent, topics.events)
-    got = _wait(recs, len(sent))
-    recs.stop_flag.set()
+    worker, sent, got = _answered(kafka, start_worker, namespace, 100,
+                                  extra_env={"LSTI_PROCESSING_GUARANTEE": "exactly_once"})
     assert sorted(r["event_id"] for r in got) == sorted(f"e{j}" for j in range(len(sent)))
     assert _metrics(worker.web_port)["applied"] == len(sent)
