@@ -62,12 +62,19 @@ def evaluate_sasrec(model: SASRec, cases: list[EvalCase], device: str, batch: in
 
 def test_report(split: LeaveOneOut, cases: list[EvalCase], ranks: np.ndarray) -> dict:
     """Test metrics over all cases, plus the subsets a dataset has: next-buy (targets that are buys, when
-    there are other event types) and, in the cold-start experiment, cold and warm targets."""
+    there are other event types); repeat and novel (targets already in the user's history or not, when
+    some are: the masking rule leaves a repeat target as the only unmasked history item, so a model
+    that favours the user's own items finds it easily; `novel` is free of that); and, in the
+    cold-start experiment, cold and warm targets."""
     out = {"test": summarize(ranks)}
     etypes = np.array([c.target_etype for c in cases])
     buy = EVENT_CODE["buy"]
     if len(set(split.data.etypes.tolist())) > 1 and (etypes == buy).any():
         out["test_next_buy"] = summarize(ranks[etypes == buy])
+    repeat = np.array([c.target in c.history.items for c in cases], dtype=bool)
+    if repeat.any():
+        out["test_repeat"] = summarize(ranks[repeat])
+        out["test_novel"] = summarize(ranks[~repeat])
     if len(split.hidden_items):
         cold = np.isin([c.target for c in cases], split.hidden_items)
         out["test_cold"] = summarize(ranks[cold])
@@ -170,9 +177,9 @@ def _mean_std(runs: list[dict], part: str) -> dict:
 
 def aggregate(runs: list[dict]) -> dict:
     """Mean and (population) standard deviation over seeds of each test metric (top level), and of the
-    test subsets (`next_buy`, `cold`, `warm`) and validation metrics under their own keys."""
+    test subsets (`next_buy`, `repeat`, `novel`, `cold`, `warm`) and validation metrics under their own keys."""
     out = _mean_std(runs, "test")
-    for part in ("test_next_buy", "test_cold", "test_warm", "valid"):
+    for part in ("test_next_buy", "test_repeat", "test_novel", "test_cold", "test_warm", "valid"):
         if part in runs[0]:
             out[part.removeprefix("test_")] = _mean_std(runs, part)
     return out

@@ -8,6 +8,7 @@ Online stepping (`encoders.online`) reuses these exact weights and formulas one 
 - (h_t, c_t) = LSTMCell(x_t, h_{t-1}, c_{t-1});   s_t = W_s h_t + b_s
 - long-term l = sum_j a_j W_l text(i_j) + b_l with a = softmax_j(q . tanh(K text(i_j)) + w[e_j])
 - g = sigmoid(W_g [s; l; log-gap; log-count] + b_g);   u = g * s + (1 - g) * l
+  (g per dimension, or one scalar per user and event with `gate="user"`)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from encoders.data import EVENT_TYPES
 
 MODES = ("fused", "short", "long")
+GATES = ("dim", "user")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LSTIConfig:
     max_len: int = 200
     dropout: float = 0.2
     mode: str = "fused"  # fused | short | long
+    gate: str = "dim"  # dim: one gate value per dimension | user: one scalar per user and event
     gate_bias: float = 0.0  # initial gate bias: > 0 starts the fused model close to the short-term side
     aux_weight: float = 0.0  # fused only: weight of the short-only and long-only losses added in training
     id_dropout: float = 0.0  # training only: share of items whose id embedding is hidden per batch, so the
@@ -64,6 +67,8 @@ class LSTIModel(nn.Module):
         super().__init__()
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        if cfg.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}")
         self.cfg = cfg
         d = cfg.dim
         self.register_buffer("text", text_vectors.float(), persistent=True)  # [n_items+1, text_dim]
@@ -81,7 +86,7 @@ class LSTIModel(nn.Module):
         nn.init.zeros_(self.att_type.weight)
         self.long_out = nn.Linear(cfg.text_dim, d)
         self.long_default = nn.Parameter(torch.zeros(d))
-        self.gate = nn.Linear(2 * d + 2, d)
+        self.gate = nn.Linear(2 * d + 2, d if cfg.gate == "dim" else 1)
         nn.init.constant_(self.gate.bias, cfg.gate_bias)
         # Items hidden from training (the cold-start experiment): left out of the softmax, so training
         # never learns that they exist, as with an item added after training.

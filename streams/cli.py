@@ -54,6 +54,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weight", type=float, help="fused: weight of the short-only and long-only auxiliary losses")
     p.add_argument("--id-dropout", type=float, help="share of items trained without their id embedding per batch "
                    "(teaches scoring from text alone, for items new to the catalogue; default 0)")
+    p.add_argument("--gate", choices=("dim", "user"), help="fused: one gate value per dimension (default) or one "
+                   "scalar per user and event")
     p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (> 0 starts near the short-term side)")
 
 
@@ -62,7 +64,7 @@ def _train_cfgs(args: argparse.Namespace, seed: int = 0):
 
     given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay")
              if getattr(args, k, None) is not None}
-    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate_bias", "id_dropout")
+    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate", "gate_bias", "id_dropout")
              if getattr(args, k, None) is not None}
     return TrainConfig(seed=seed, **given), model
 

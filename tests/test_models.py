@@ -87,6 +87,20 @@ def test_run_model_for_baselines_shares_the_split():
         assert 0.0 <= out["test"]["ndcg@10"] <= 1.0
 
 
+def test_repeat_targets_are_reported_apart_from_novel_ones():
+    """Users 0-3 end on an item they already had (a repeat), the others on a new one."""
+    rows = []
+    for u in range(8):
+        walk = [1, 2, 3, 4, 5, 6] if u >= 4 else [1, 2, 3, 4, 5, 2]
+        rows += [(f"u{u}", f"i{(i + u) % N_ITEMS}", "view", 1_000_000 + 60 * j) for j, i in enumerate(walk)]
+    split = LeaveOneOut(build_interactions(rows, {f"i{i}": f"item {i}" for i in range(N_ITEMS)}, name="tiny"))
+    out = run_model("pop", split, 0, progress=False)
+    assert out["test_repeat"]["users"] == 4 and out["test_novel"]["users"] == 4
+    # the repeat target is the only unmasked history item: pop ranks it among the few items with counts
+    assert out["test_repeat"]["hr@10"] == 1.0
+    assert "test_repeat" not in run_model("pop", LeaveOneOut(_data()), 0, progress=False)
+
+
 @pytest.mark.parametrize("mode", ["fused", "short", "long"])
 def test_lsti_trains_through_run_model(mode):
     split = LeaveOneOut(_data())
@@ -117,9 +131,11 @@ def test_cold_start_split_hides_items_from_every_model_and_reports_them_apart():
     assert torch.all(emb[torch.from_numpy(hidden)] == 0) and emb.abs().sum() > 0
 
 
-def test_gate_is_a_convex_mix_of_short_and_long():
+@pytest.mark.parametrize("gate", ["dim", "user"])
+def test_gate_is_a_convex_mix_of_short_and_long(gate):
     torch.manual_seed(0)
-    model = LSTIModel(LSTIConfig(n_items=N_ITEMS, text_dim=8, dim=8, type_dim=4), torch.from_numpy(_text())).eval()
+    cfg = LSTIConfig(n_items=N_ITEMS, text_dim=8, dim=8, type_dim=4, gate=gate)
+    model = LSTIModel(cfg, torch.from_numpy(_text())).eval()
     items = torch.randint(1, N_ITEMS + 1, (3, 7))
     etypes = torch.ones_like(items)
     ts = torch.cumsum(torch.randint(0, 1000, (3, 7)), dim=1)
@@ -128,6 +144,7 @@ def test_gate_is_a_convex_mix_of_short_and_long():
         s = model.short_states(item_vecs, items, etypes, ts)
         long = model.long_states(items, etypes)
     assert torch.all(g > 0) and torch.all(g < 1)
+    assert g.shape[-1] == (8 if gate == "dim" else 1)
     torch.testing.assert_close(u, g * s + (1 - g) * long)
 
 

@@ -7,11 +7,11 @@ from encoders.model import LSTIConfig, LSTIModel
 from encoders.online import OnlineModel
 
 
-def _model(mode: str) -> LSTIModel:
+def _model(mode: str, gate: str = "dim") -> LSTIModel:
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(31, 384), dim=-1)
     text[0] = 0
-    model = LSTIModel(LSTIConfig(n_items=30, dim=16, mode=mode), text)
+    model = LSTIModel(LSTIConfig(n_items=30, dim=16, mode=mode, gate=gate), text)
     with torch.no_grad():  # non-trivial id embeddings and gate, as after training
         model.id_emb.weight.normal_(0, 0.3)
         model.id_emb.weight[0] = 0
@@ -35,8 +35,8 @@ def test_online_equals_offline_for_every_mode():
     items = rng.integers(1, 31, 25)
     etypes = rng.integers(1, 6, 25)
     ts = np.cumsum(rng.integers(0, 5000, 25)) + 1_000_000_000
-    for mode in ("fused", "short", "long"):
-        model = _model(mode)
+    for mode, gate in (("fused", "dim"), ("fused", "user"), ("short", "dim"), ("long", "dim")):
+        model = _model(mode, gate)
         online = OnlineModel(model)
         it, et, tt = (torch.tensor(a)[None] for a in (items, etypes, ts))
         u_off, g_off = model.final_states(it, et, tt, torch.tensor([25]))
