@@ -34,8 +34,10 @@ class LSTIConfig:
     max_len: int = 200
     dropout: float = 0.2
     mode: str = "fused"  # fused | short | long
-    gate: str = "dim"  # dim: one gate value per dimension | user: one scalar per user and event
-    gate_bias: float = 0.0  # initial gate bias: > 0 starts the fused model close to the short-term side
+    gate: str = "user"  # user: one scalar per user and event | dim: one per dimension (user: valid NDCG@10
+    # 0.1965 vs 0.1921 on ml-1m, seed 0, both with gate_bias 3)
+    gate_bias: float = 3.0  # initial gate bias: g = 0.95 at start, so the fused model starts as the LSTM and
+    # takes from the long-term side only what helps (valid NDCG@10 0.1921 vs 0.1848 with 0, ml-1m seed 0)
     aux_weight: float = 0.0  # fused only: weight of the short-only and long-only losses added in training
     id_dropout: float = 0.0  # training only: share of items whose id embedding is hidden per batch, so the
     # model also learns to score an item from its text alone, on the same scale (cold start, DropoutNet-style)

@@ -121,10 +121,16 @@ def verify_artifact(path: Path) -> dict:
     return manifest
 
 
+def stored_config(saved: dict) -> LSTIConfig:
+    """The model config an artifact was written with. Artifacts from before the per-user gate have no
+    `gate` key and a per-dimension gate: read them as such, not with today's default."""
+    return LSTIConfig(**{"gate": "dim", **saved})
+
+
 def load_artifact(path: Path, index_backend: str = "auto", index_threads: int | None = None) -> Artifact:
     manifest = verify_artifact(path)
     blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    cfg = LSTIConfig(**blob["config"])
+    cfg = stored_config(blob["config"])
     model = LSTIModel(cfg, blob["state_dict"]["text"])
     model.load_state_dict(blob["state_dict"])
     model.eval()

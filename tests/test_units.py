@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from jsonschema import Draft202012Validator
 
 from index import ItemIndex
@@ -157,3 +158,16 @@ def test_table_cache_writes_through_and_forgets_on_clear():
     assert cache.get(b"a") == b"changed elsewhere"
     off = TableCache(table, max_keys=0)
     assert off.get(b"a") == b"changed elsewhere" and len(off) == 0
+
+
+def test_artifacts_from_before_the_per_user_gate_still_load():
+    from encoders.model import LSTIConfig, LSTIModel
+    from streams.artifacts import stored_config
+
+    old = LSTIConfig(n_items=5, dim=8, gate="dim").to_dict()
+    del old["gate"]
+    cfg = stored_config(old)
+    assert cfg.gate == "dim"
+    text = torch.zeros(6, cfg.text_dim)
+    LSTIModel(cfg, text).load_state_dict(LSTIModel(LSTIConfig(n_items=5, dim=8, gate="dim"), text).state_dict())
+    assert stored_config(LSTIConfig(n_items=5, dim=8).to_dict()).gate == "user"
