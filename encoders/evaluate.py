@@ -144,7 +144,7 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         return {**test_report(split, test, sasrec_ranks(smodel, test, device)),
                 "valid": evaluate_sasrec(smodel, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
-                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict()}
+                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict(), "train": tcfg.to_dict()}
     if name in MODES:
         if model is None:
             if text_vectors is None:
@@ -154,13 +154,15 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
             tcfg.seed = seed
             model, info = train_lsti(split, text_vectors, cfg, tcfg, progress=progress)
         else:
+            tcfg = None
             info = {"train_seconds": 0.0, "epochs_run": 0, "best_epoch": 0, "note": "pre-trained artifact"}
         device = pick_device(train_cfg.device if train_cfg else None)
         model = model.to(device)
         return {**test_report(split, test, lsti_ranks(model, test, device)),
                 "valid": evaluate_lsti(model, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
-                "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict()}
+                "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict(),
+                **({"train": tcfg.to_dict()} if tcfg else {})}
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -183,3 +185,33 @@ def aggregate(runs: list[dict]) -> dict:
         if part in runs[0]:
             out[part.removeprefix("test_")] = _mean_std(runs, part)
     return out
+
+
+def pool_reports(reports: list[dict]) -> dict:
+    """One report from several `lsti eval --json` outputs of the same dataset, model and configuration
+    run with different seeds (e.g. `--first-seed 1` in a second process): runs concatenated, mean and
+    spread recomputed over all of them, exactly as one `--seeds N` run would report."""
+    if not reports:
+        raise ValueError("nothing to pool")
+    first = reports[0]
+
+    def same(r: dict) -> tuple:
+        return r["dataset"], r["model"], r["n_items"], r["users"], r.get("cold_items"), r["runs"][0].get("config")
+
+    def training(r: dict) -> dict | None:  # older reports did not record it
+        t = r["runs"][0].get("train")
+        return {k: v for k, v in t.items() if k != "seed"} if t else None
+
+    for r in reports[1:]:
+        if same(r) != same(first):
+            raise ValueError("reports differ in dataset, model, data or model configuration: not poolable")
+        if training(r) and training(first) and training(r) != training(first):
+            raise ValueError("reports differ in training configuration: not poolable")
+    seeds = [s for r in reports for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears twice: {seeds}")
+    runs = [run for r in reports for run in r["runs"]]
+    out = {k: v for k, v in first.items() if k in ("dataset", "model", "protocol", "users", "n_items", "n_events",
+                                                   "cold_items")}
+    return {**out, "seeds": seeds, **aggregate(runs), "train_seconds": [run["train_seconds"] for run in runs],
+            "runs": runs}

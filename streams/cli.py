@@ -189,6 +189,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_pool(args: argparse.Namespace) -> int:
+    from encoders.evaluate import pool_reports
+
+    try:
+        out = pool_reports([json.loads(Path(f).read_text()) for f in args.reports])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -325,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+    ep = sub.add_parser("eval-pool", help="pool `lsti eval --json` outputs of the same model run with other seeds "
+                        "(mean and spread over all their runs)")
+    ep.add_argument("reports", nargs="+", type=Path, help="JSON files written by `lsti eval --json`")
+    ep.set_defaults(func=cmd_eval_pool)
     n = sub.add_parser("nightly", help="refresh without retraining: new items, long-term vectors, index; "
                        "publish, then make CURRENT")
     add_nightly_args(n)

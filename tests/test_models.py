@@ -101,6 +101,24 @@ def test_repeat_targets_are_reported_apart_from_novel_ones():
     assert "test_repeat" not in run_model("pop", LeaveOneOut(_data()), 0, progress=False)
 
 
+def test_reports_of_other_seeds_pool_like_one_multi_seed_run():
+    from encoders.evaluate import aggregate, pool_reports
+
+    split = LeaveOneOut(_data())
+    tcfg = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    runs = [run_model("sasrec", split, s, tcfg, {"dim": 8, "max_len": 6}, progress=False) for s in (0, 1)]
+    reports = [{"dataset": "tiny", "model": "sasrec", "n_items": N_ITEMS, "users": 12, "seeds": [s],
+                **aggregate([r]), "train_seconds": [r["train_seconds"]], "runs": [r]} for s, r in enumerate(runs)]
+    pooled = pool_reports(reports)
+    assert pooled["seeds"] == [0, 1] and pooled["ndcg@10"] == aggregate(runs)["ndcg@10"]
+    assert pooled["valid"] == aggregate(runs)["valid"]
+    with pytest.raises(ValueError, match="seed appears twice"):
+        pool_reports([reports[0], reports[0]])
+    other = {**reports[1], "runs": [{**runs[1], "config": {**runs[1]["config"], "dim": 16}}]}
+    with pytest.raises(ValueError, match="not poolable"):
+        pool_reports([reports[0], other])
+
+
 @pytest.mark.parametrize("mode", ["fused", "short", "long"])
 def test_lsti_trains_through_run_model(mode):
     split = LeaveOneOut(_data())
