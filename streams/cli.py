@@ -54,9 +54,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weight", type=float, help="fused: weight of the short-only and long-only auxiliary losses")
     p.add_argument("--id-dropout", type=float, help="share of items trained without their id embedding per batch "
                    "(teaches scoring from text alone, for items new to the catalogue; default 0)")
-    p.add_argument("--gate", choices=("dim", "user"), help="fused: one gate value per dimension (default) or one "
-                   "scalar per user and event")
-    p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (> 0 starts near the short-term side)")
+    p.add_argument("--gate", choices=("user", "dim"), help="fused: one gate value per user and event (default) or "
+                   "one per dimension")
+    p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (default 3: the gate starts at 0.95, "
+                   "near the short-term side)")
 
 
 def _train_cfgs(args: argparse.Namespace, seed: int = 0):
