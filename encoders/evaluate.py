@@ -187,6 +187,11 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def seed_runs_report(runs: list[dict]) -> dict:
+    """The seed-dependent part of an `lsti eval --json` report: aggregates, train times and the runs."""
+    return {**aggregate(runs), "train_seconds": [run["train_seconds"] for run in runs], "runs": runs}
+
+
 def pool_reports(reports: list[dict]) -> dict:
     """One report from several `lsti eval --json` outputs of the same dataset, model and configuration
     run with different seeds (e.g. `--first-seed 1` in a second process): runs concatenated, mean and
@@ -213,5 +218,4 @@ def pool_reports(reports: list[dict]) -> dict:
     runs = [run for r in reports for run in r["runs"]]
     out = {k: v for k, v in first.items() if k in ("dataset", "model", "protocol", "users", "n_items", "n_events",
                                                    "cold_items")}
-    return {**out, "seeds": seeds, **aggregate(runs), "train_seconds": [run["train_seconds"] for run in runs],
-            "runs": runs}
+    return {**out, "seeds": seeds, **seed_runs_report(runs)}

@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from encoders.data import load_dataset
-    from encoders.evaluate import PROTOCOL, aggregate, run_model, text_vectors_for
+    from encoders.evaluate import PROTOCOL, run_model, seed_runs_report, text_vectors_for
     from encoders.split import LeaveOneOut, hold_out_items
 
     data = load_dataset(args.dataset, args.data_dir, args.events, args.items)
@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = {
         "dataset": data.name, "model": args.model, "protocol": PROTOCOL, "seeds": seeds,
         "users": runs[0]["test"]["users"], "n_items": data.n_items, "n_events": int(len(data.items)),
-        **aggregate(runs), "train_seconds": [r["train_seconds"] for r in runs], "runs": runs,
+        **seed_runs_report(runs),
     }
     if hidden is not None:
         out["cold_items"] = {"fraction": args.cold_items, "hidden_items": int(len(hidden)),

@@ -102,13 +102,13 @@ def test_repeat_targets_are_reported_apart_from_novel_ones():
 
 
 def test_reports_of_other_seeds_pool_like_one_multi_seed_run():
-    from encoders.evaluate import aggregate, pool_reports
+    from encoders.evaluate import aggregate, pool_reports, seed_runs_report
 
     split = LeaveOneOut(_data())
     tcfg = TrainConfig(epochs=1, batch_size=4, device="cpu")
     runs = [run_model("sasrec", split, s, tcfg, {"dim": 8, "max_len": 6}, progress=False) for s in (0, 1)]
     reports = [{"dataset": "tiny", "model": "sasrec", "n_items": N_ITEMS, "users": 12, "seeds": [s],
-                **aggregate([r]), "train_seconds": [r["train_seconds"]], "runs": [r]} for s, r in enumerate(runs)]
+                **seed_runs_report([r])} for s, r in enumerate(runs)]
     pooled = pool_reports(reports)
     assert pooled["seeds"] == [0, 1] and pooled["ndcg@10"] == aggregate(runs)["ndcg@10"]
     assert pooled["valid"] == aggregate(runs)["valid"]
