@@ -1,4 +1,4 @@
-"""Item-index defaults by catalogue size, taken from `python -m index.bench --json` (faiss-cpu 1.15.1, dim 64,
+"""Item-index defaults by catalogue size, taken from `python -m streams.bench.index --json` (faiss-cpu 1.15.1, dim 64,
 inner product, 2 shared cores; clustered synthetic catalogue with popularity-dependent norms).
 
 What the measurements said (batch 1 = one query per call on one thread, as the stream worker searches):

@@ -22,7 +22,7 @@ def kafka(tmp_path_factory):
     if os.environ.get("LSTI_TEST_BOOTSTRAP"):
         yield os.environ["LSTI_TEST_BOOTSTRAP"]
         return
-    from streams.broker import EmbeddedKafka
+    from streams.kafka.broker import EmbeddedKafka
 
     broker = EmbeddedKafka(tmp_path_factory.mktemp("kafka"), heap_mb=256)
     yield broker.start()
@@ -40,7 +40,7 @@ def fixture_files(tmp_path_factory):
 def tiny_artifact(tmp_path_factory, fixture_files):
     """A real trained artifact (BERT text vectors, LSTM, gate, FAISS index) on the generated data."""
     from encoders.train import TrainConfig
-    from streams.build import build
+    from streams.batch.build import build
 
     events, items = fixture_files
     root = tmp_path_factory.mktemp("artifacts")
@@ -58,7 +58,7 @@ def namespace():
 @pytest.fixture
 def start_worker(kafka, tiny_artifact, tmp_path, namespace):
     """Start real `lsti run` worker processes; all are stopped at the end of the test."""
-    from streams.worker import WorkerProcess
+    from streams.worker.process import WorkerProcess
 
     workers = []
 

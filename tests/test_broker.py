@@ -1,4 +1,4 @@
-"""Integration test of the embedded Apache Kafka broker (streams/broker.py).
+"""Integration test of the embedded Apache Kafka broker (streams/kafka/broker.py).
 
 Why these checks: produce/consume proves the broker works for clients; ``end_offsets`` guards against
 brokers whose ListOffsets answer is wrong (Faust relies on it for changelog recovery); the restart on the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import EmbeddedKafka, find_running_broker
+from streams.kafka.broker import EmbeddedKafka, find_running_broker
 
 pytestmark = [
     pytest.mark.integration,

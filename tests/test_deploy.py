@@ -22,7 +22,7 @@ SYSTEMD = DEPLOY / "systemd"
 
 def cli_parser() -> argparse.ArgumentParser:
     """The real `lsti` parser."""
-    from streams.cli import build_parser
+    from streams.cli.main import build_parser
 
     return build_parser()
 

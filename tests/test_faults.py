@@ -19,9 +19,9 @@ import pytest
 from encoders.data import EVENT_CODE
 from streams.artifacts import load_artifact
 from streams.config import REPO, Topics
-from streams.events import event_json
-from streams.kafka_tools import TopicReader, ensure_topics, producer, publish_raw, read_compacted
-from streams.state import StateCodec
+from streams.contracts.events import event_json
+from streams.kafka.tools import TopicReader, ensure_topics, producer, publish_raw, read_compacted
+from streams.worker.state import StateCodec
 
 pytestmark = pytest.mark.integration
 TYPES = ["view", "view", "click", "cart", "fav", "buy"]
@@ -282,7 +282,7 @@ def test_online_recommendations_equal_offline_ranking(kafka, start_worker, names
     """Replay every user's whole history through the pipeline: the worker's top-10 after each event must
     match the offline torch model's ranking for at least 99% of events, and HR@10 agree within 1%."""
     from encoders.data import load_generic
-    from streams.parity import run_parity
+    from streams.jobs.parity import run_parity
 
     topics = Topics.with_prefix(namespace["prefix"])
     ensure_topics(kafka, 4, topics)

@@ -13,7 +13,7 @@ from test_faults import health, make_stream, unique_events, wait_until
 
 from streams.artifacts import load_artifact, write_artifact
 from streams.config import Topics
-from streams.kafka_tools import TopicReader, ensure_topics, producer, publish_raw
+from streams.kafka.tools import TopicReader, ensure_topics, producer, publish_raw
 
 pytestmark = pytest.mark.integration
 

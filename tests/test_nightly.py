@@ -45,7 +45,7 @@ def nightly_inputs(tmp_path, fixture_files):
 
 
 def _run(inp, base, **kw):
-    from streams.nightly import run_nightly
+    from streams.batch.nightly import run_nightly
 
     args = dict(dataset=None, events=inp["events"], items=inp["items"], base=base, cutoff=inp["cutoff"],
                 root=inp["root"], publish=False, progress=False, cache_dir=inp["cache"], work_dir=inp["work"])
@@ -116,10 +116,10 @@ def test_nightly_extends_catalogue_without_retraining(tiny_artifact, nightly_inp
 
 
 def test_nightly_resumes_and_reuses_cache(tiny_artifact, nightly_inputs, monkeypatch):
-    import streams.nightly as nightly
+    import streams.batch.nightly as nightly
     from encoders.split import Sequence
     from streams.artifacts import load_artifact
-    from streams.build import long_term_vectors
+    from streams.batch.build import long_term_vectors
 
     calls = {"n": 0}
 
@@ -159,8 +159,8 @@ def test_nightly_resumes_and_reuses_cache(tiny_artifact, nightly_inputs, monkeyp
 
 def test_main_nightly_cli(tiny_artifact, nightly_inputs, capsys, monkeypatch):
     from streams.artifacts import current_version
-    from streams.cli import add_nightly_args
-    from streams.nightly import main_nightly
+    from streams.batch.nightly import main_nightly
+    from streams.cli.main import add_nightly_args
 
     monkeypatch.setenv("LSTI_CACHE", str(nightly_inputs["cache"]))
     p = argparse.ArgumentParser()
@@ -185,8 +185,8 @@ def test_main_nightly_cli(tiny_artifact, nightly_inputs, capsys, monkeypatch):
 def test_nightly_publishes_then_activates(tiny_artifact, nightly_inputs, kafka, namespace):
     from streams.artifacts import current_version, sha256
     from streams.config import Topics
-    from streams.kafka_tools import read_compacted
-    from streams.state import encode_vector
+    from streams.contracts.vectors import encode_vector
+    from streams.kafka.tools import read_compacted
 
     res = _run(nightly_inputs, tiny_artifact, publish=True, bootstrap=kafka, topic_prefix=namespace["prefix"])
     assert res.published and res.activated and current_version(nightly_inputs["root"]) == res.version

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from streams.config import Topics
-from streams.events import event_json
-from streams.kafka_tools import TopicReader, ensure_topics, publish_raw
+from streams.contracts.events import event_json
+from streams.kafka.tools import TopicReader, ensure_topics, publish_raw
 
 pytestmark = pytest.mark.integration
 K = 10

@@ -10,8 +10,8 @@ import torch
 from jsonschema import Draft202012Validator
 
 from index import ItemIndex
-from streams.events import BadEvent, event_json, load_schema, parse_event
-from streams.state import RECENT, StateCodec
+from streams.contracts.events import BadEvent, event_json, load_schema, parse_event
+from streams.worker.state import RECENT, StateCodec
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "event_type": "view", "ts": 1_600_000_000}
 BAD = [
@@ -115,8 +115,8 @@ def test_index_add_makes_new_items_searchable():
 def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
     """After a crash a batch may hold only events the state already has: each is answered, none applied."""
     from streams.artifacts import load_artifact
-    from streams.events import Event
-    from streams.recommender import Incoming, Recommender
+    from streams.contracts.events import Event
+    from streams.worker.recommender import Incoming, Recommender
 
     rec = Recommender(load_artifact(tiny_artifact))
     first = [Incoming(Event(f"e{j}", "u1", "i1", "view", 1.6e9 + j), 0, j) for j in range(3)]
@@ -145,7 +145,7 @@ def test_state_codec_float16_variant_is_smaller_and_either_precision_reads_both(
 
 
 def test_table_cache_writes_through_and_forgets_on_clear():
-    from streams.table_cache import TableCache
+    from streams.worker.table_cache import TableCache
 
     table: dict = {b"a": b"1"}
     cache = TableCache(table, max_keys=2)

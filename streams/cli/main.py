@@ -9,24 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+from streams.batch.train_options import train_configs
 from streams.config import state_home
+from streams.kafka.bootstrap import resolve_bootstrap
 
 DEFAULT_DATA = "default: $LSTI_DATA or ../shared/data beside the checkout"
-
-
-def _bootstrap(args: argparse.Namespace) -> str:
-    """--bootstrap, else LSTI_BOOTSTRAP, else a broker already started by `lsti broker`."""
-    from streams.broker import find_running_broker
-
-    if getattr(args, "bootstrap", None):
-        return args.bootstrap
-    if os.environ.get("LSTI_BOOTSTRAP"):
-        return os.environ["LSTI_BOOTSTRAP"]
-    found = find_running_broker(state_home() / "kafka")
-    if found:
-        return found
-    sys.exit("error: no Kafka to talk to. Start one with `lsti broker` (embedded Apache Kafka) in another "
-             "terminal, or pass --bootstrap HOST:PORT / set LSTI_BOOTSTRAP.")
 
 
 def _add_bootstrap(p: argparse.ArgumentParser) -> None:
@@ -60,32 +47,22 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "near the short-term side)")
 
 
-def _train_cfgs(args: argparse.Namespace, seed: int = 0):
-    from encoders.train import TrainConfig
-
-    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay")
-             if getattr(args, k, None) is not None}
-    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate", "gate_bias", "id_dropout")
-             if getattr(args, k, None) is not None}
-    return TrainConfig(seed=seed, **given), model
-
-
 def cmd_broker(args: argparse.Namespace) -> int:
-    from streams.broker import main_broker
+    from streams.kafka.broker import main_broker
 
     return main_broker(args.data_dir or state_home() / "kafka", port=args.port, heap_mb=args.heap_mb)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from streams.artifacts import default_artifacts_dir
-    from streams.build import find_artifact
+    from streams.batch.build import find_artifact
     from streams.config import Topics, WorkerSettings
-    from streams.worker import run_worker
+    from streams.worker.process import run_worker
 
     artifact = args.artifact or find_artifact(default_artifacts_dir())
     if artifact is None:
         sys.exit("error: no model artifact: train one with `lsti train` or pass --artifact DIR")
-    s = WorkerSettings.from_env(bootstrap=_bootstrap(args), artifact=Path(artifact), data_dir=args.data_dir,
+    s = WorkerSettings.from_env(bootstrap=resolve_bootstrap(args), artifact=Path(artifact), data_dir=args.data_dir,
                                 app_id=args.app_id, topics=Topics.with_prefix(args.topic_prefix),
                                 partitions=args.partitions, k=args.k, batch_max=args.batch_max,
                                 batch_within=args.batch_within, web_port=args.web_port, loglevel=args.loglevel)
@@ -93,19 +70,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from streams.kafka_tools import publish, read_event_log
+    from streams.kafka.tools import publish, read_event_log
 
-    n = publish(_bootstrap(args), read_event_log(args.file), topic=args.topic, rate=args.rate,
+    n = publish(resolve_bootstrap(args), read_event_log(args.file), topic=args.topic, rate=args.rate,
                 progress=not args.quiet)
     print(f"published {n} events to {args.topic}", file=sys.stderr)
     return 0
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from streams.kafka_tools import consume
+    from streams.kafka.tools import consume
 
     try:
-        for _key, value in consume(_bootstrap(args), args.topic, from_beginning=args.from_beginning,
+        for _key, value in consume(resolve_bootstrap(args), args.topic, from_beginning=args.from_beginning,
                                   max_messages=args.max, timeout_s=args.timeout, group=args.group):
             sys.stdout.write(value.decode(errors="replace") + "\n")
             sys.stdout.flush()
@@ -115,31 +92,31 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from streams.kafka_tools import publish, read_event_log, sort_by_time
+    from streams.kafka.tools import publish, read_event_log, sort_by_time
 
     if args.rebuild:
         from streams.artifacts import default_artifacts_dir
-        from streams.build import find_artifact
-        from streams.rebuild import rebuild_changelog
+        from streams.batch.build import find_artifact
+        from streams.batch.rebuild import rebuild_changelog
 
         artifact = args.artifact or find_artifact(default_artifacts_dir())
         if artifact is None:
             sys.exit("error: --rebuild needs a model artifact (--artifact DIR or artifacts/CURRENT)")
-        out = rebuild_changelog(_bootstrap(args), Path(artifact), list(read_event_log(args.file)), args.app_id,
+        out = rebuild_changelog(resolve_bootstrap(args), Path(artifact), list(read_event_log(args.file)), args.app_id,
                                 args.partitions, progress=not args.quiet)
         print(json.dumps(out))
         return 0
     records = sort_by_time(read_event_log(args.file))
-    n = publish(_bootstrap(args), records, topic=args.topic, rate=args.rate, total=len(records),
+    n = publish(resolve_bootstrap(args), records, topic=args.topic, rate=args.rate, total=len(records),
                 progress=not args.quiet, desc="replay")
     print(f"replayed {n} events in event-time order to {args.topic}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from streams.build import build
+    from streams.batch.build import build
 
-    tcfg, mcfg = _train_cfgs(args)
+    tcfg, mcfg = train_configs(args)
     path = build(args.dataset, args.data_dir, args.events, args.items, mode=args.model, train_cfg=tcfg,
                  model_cfg=mcfg, root=args.out)
     print(json.dumps(json.loads((path / "manifest.json").read_text())["test_metrics"]))
@@ -169,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     first = args.first_seed
     seeds = [0] if model is not None or args.model in ("pop", "itemknn") else list(range(first, first + args.seeds))
     for seed in seeds:
-        tcfg, mcfg = _train_cfgs(args, seed)
+        tcfg, mcfg = train_configs(args, seed)
         runs.append(run_model(args.model, split, seed, tcfg, mcfg, progress=not args.quiet, text_vectors=tv,
                               model=model))
     out = {
@@ -202,13 +179,13 @@ def cmd_eval_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from streams.jobs.demo import run_demo
 
     return run_demo(args)
 
 
 def add_nightly_args(p: argparse.ArgumentParser) -> None:
-    """The options of `lsti nightly` (here, not in streams.nightly, so `lsti --help` does not import torch)."""
+    """The options of `lsti nightly` (here, not in streams.batch.nightly, so `lsti --help` does not import torch)."""
     _add_bootstrap(p)
     _add_data(p)
     p.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
@@ -221,26 +198,26 @@ def add_nightly_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from streams.nightly import main_nightly
+    from streams.batch.nightly import main_nightly
 
     return main_nightly(args)
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from streams.parity import main_parity
+    from streams.jobs.parity import main_parity
 
     return main_parity(args)
 
 
 def cmd_bench_recovery(args: argparse.Namespace) -> int:
-    from streams.bench_recovery import run_recovery_bench
+    from streams.bench.recovery import run_recovery_bench
 
     print(json.dumps(run_recovery_bench(args.users, args.bootstrap)))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from streams.bench import run_bench
+    from streams.bench.stream import run_bench
 
     out = run_bench(n=args.n, n_users=args.users, n_items=args.items, dim=args.dim, bootstrap=args.bootstrap,
                     latency_seconds=args.latency_seconds, latency_rate=args.latency_rate,
@@ -384,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED_BENCHES = {
-    "index": ("index.bench", "FAISS Flat vs IVF vs HNSW: recall@10, QPS, build time"),
-    "state": ("streams.bench_state", "state bytes per user, RocksDB size, fp16 vs fp32 quality"),
+    "index": ("streams.bench.index", "FAISS Flat vs IVF vs HNSW: recall@10, QPS, build time"),
+    "state": ("streams.bench.state", "state bytes per user, RocksDB size, fp16 vs fp32 quality"),
 }
 
 

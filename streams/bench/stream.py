@@ -33,7 +33,7 @@ def synthetic_artifact(root: Path, n_items: int, dim: int, seed: int = 0) -> Pat
 
     from encoders.model import LSTIConfig, LSTIModel
     from streams.artifacts import write_artifact
-    from streams.build import item_index_for
+    from streams.batch.build import item_index_for
 
     version = f"bench-{n_items}-{dim}"
     if (root / version / "manifest.json").exists():
@@ -63,7 +63,7 @@ def zipf_stream(n: int, n_users: int, n_items: int, seed: int = 0, a: float = 1.
 
 
 def _messages(users, items, types, start: int, ts: float | None = None):
-    from streams.events import event_json
+    from streams.contracts.events import event_json
 
     for j, (u, i, t) in enumerate(zip(users, items, types, strict=True)):
         uid = f"u{u}"
@@ -103,8 +103,8 @@ def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
     """The model object alone (parse + Recommender.process per micro-batch, no Kafka, no Faust), in
     this process: the cost of our own per-event work, with one BLAS/FAISS thread as in the worker."""
     from streams.artifacts import load_artifact
-    from streams.events import parse_event
-    from streams.recommender import Incoming, Recommender
+    from streams.contracts.events import parse_event
+    from streams.worker.recommender import Incoming, Recommender
 
     try:
         from threadpoolctl import threadpool_limits
@@ -131,9 +131,9 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
               systems: tuple[str, ...] = ("aiokafka", "faust", "lsti"), batch_max: int | None = None,
               batch_within: float | None = None, progress: bool = True, profile: Path | None = None,
               workers: int = 1) -> dict:
-    from streams.broker import scratch_broker
-    from streams.kafka_tools import TopicReader, ensure_topics, publish_raw
-    from streams.worker import WorkerProcess, free_port
+    from streams.kafka.broker import scratch_broker
+    from streams.kafka.tools import TopicReader, ensure_topics, publish_raw
+    from streams.worker.process import WorkerProcess, free_port
 
     home = state_home() / "bench"
     home.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
                     w.wait_ready()
                 worker, proc = fleet[0], fleet[0].proc
             else:
-                cmd = [sys.executable, "-m", "streams.bench_refs", name, "--bootstrap", bootstrap, "--src",
+                cmd = [sys.executable, "-m", "streams.bench.refs", name, "--bootstrap", bootstrap, "--src",
                        topics.events, "--dst", out_topic, "--group", f"bench-{run}-{name}", "-n", str(n),
                        "--datadir", str(home / f"{run}-{name}-data"), "--web-port", str(free_port())]
                 proc = _proc(cmd, log)
@@ -216,7 +216,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
 def _latency(bootstrap: str, topic: str, reader, rate: float, seconds: float, start: int, n_users: int,
              n_items: int) -> dict:
     """Publish at `rate` events/s for `seconds`, each event stamped with its send time."""
-    from streams.kafka_tools import producer
+    from streams.kafka.tools import producer
 
     m = int(rate * seconds)
     users, items, types = zipf_stream(m, n_users, n_items, seed=1)

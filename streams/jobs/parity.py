@@ -17,7 +17,7 @@ import torch
 
 from encoders.data import EVENT_TYPES, Interactions
 from encoders.model import LSTIModel, count_feature, gap_feature
-from streams.state import RECENT
+from streams.worker.state import RECENT
 
 
 @torch.no_grad()
@@ -59,8 +59,8 @@ def run_parity(bootstrap: str, artifact_path: Path, data: Interactions, users: l
     import urllib.request
 
     from streams.artifacts import load_artifact
-    from streams.events import event_json
-    from streams.kafka_tools import TopicReader, producer, publish_long_term
+    from streams.contracts.events import event_json
+    from streams.kafka.tools import TopicReader, producer, publish_long_term
 
     art = load_artifact(artifact_path)
     long_users, long_vecs = art.long_term()
@@ -116,11 +116,11 @@ def main_parity(args) -> int:
 
     from encoders.data import load_dataset
     from streams.artifacts import default_artifacts_dir
-    from streams.broker import scratch_broker
-    from streams.build import find_artifact
+    from streams.batch.build import find_artifact
     from streams.config import Topics, state_home
-    from streams.kafka_tools import ensure_topics
-    from streams.worker import WorkerProcess
+    from streams.kafka.broker import scratch_broker
+    from streams.kafka.tools import ensure_topics
+    from streams.worker.process import WorkerProcess
 
     artifact = Path(args.artifact) if args.artifact else find_artifact(default_artifacts_dir(), args.dataset)
     if artifact is None:

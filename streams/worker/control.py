@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from streams.artifacts import BadArtifact, load_artifact
-from streams.recommender import Recommender
+from streams.worker.recommender import Recommender
 
 log = logging.getLogger("lsti.control")
 

@@ -46,11 +46,11 @@ def run_demo(args: Namespace) -> int:
 
     from encoders.data import load_dataset
     from streams.artifacts import default_artifacts_dir, load_artifact
-    from streams.broker import EmbeddedKafka, find_running_broker
-    from streams.build import build, find_artifact
-    from streams.cli import _train_cfgs
-    from streams.kafka_tools import TopicReader, ensure_topics, producer, publish_long_term
-    from streams.worker import WorkerProcess
+    from streams.batch.build import build, find_artifact
+    from streams.batch.train_options import train_configs
+    from streams.kafka.broker import EmbeddedKafka, find_running_broker
+    from streams.kafka.tools import TopicReader, ensure_topics, producer, publish_long_term
+    from streams.worker.process import WorkerProcess
 
     t_start = time.perf_counter()
     home = state_home()
@@ -68,7 +68,7 @@ def run_demo(args: Namespace) -> int:
         if artifact_path is None:
             print(f"== training the model on {args.dataset} (at most {args.max_minutes} min; cached afterwards)",
                   flush=True)
-            tcfg, mcfg = _train_cfgs(args)
+            tcfg, mcfg = train_configs(args)
             artifact_path = build(args.dataset, args.data_dir, args.events, args.items, train_cfg=tcfg,
                                   model_cfg=mcfg)
         else:
@@ -105,7 +105,7 @@ def run_demo(args: Namespace) -> int:
                 events.append((int(t), data.user_ids[u], data.item_ids[i], int(e), f"{data.user_ids[u]}-{j}"))
         events.sort(key=lambda r: r[0])
         from encoders.data import EVENT_TYPES
-        from streams.events import event_json
+        from streams.contracts.events import event_json
 
         recs = TopicReader(bootstrap, topics.recommendations)
         dlq = TopicReader(bootstrap, topics.dlq)

@@ -92,16 +92,3 @@ class StateCodec:
                            float(s.last_ts[r]), int(s.count[r]))
         hc = s.h[r].astype(self.dtype, copy=False).tobytes() + s.c[r].astype(self.dtype, copy=False).tobytes()
         return head + hc + s.recent[r].tobytes() + s.recent_ids[r].tobytes()
-
-
-def encode_vector(vec: np.ndarray) -> bytes:
-    """Long-term vectors travel and rest as raw float32 bytes."""
-    return np.asarray(vec, np.float32).tobytes()
-
-
-def decode_vectors(values: list[bytes | None], dim: int, default: np.ndarray) -> np.ndarray:
-    out = np.tile(np.asarray(default, np.float32), (len(values), 1))
-    for r, v in enumerate(values):
-        if v is not None and len(v) == 4 * dim:
-            out[r] = np.frombuffer(v, np.float32)
-    return out

@@ -15,8 +15,9 @@ import numpy as np
 
 from encoders.data import EVENT_CODE
 from streams.artifacts import Artifact
-from streams.events import Event
-from streams.state import RECENT, StateCodec, decode_vectors, event_id_hash
+from streams.contracts.events import Event
+from streams.contracts.vectors import decode_vectors
+from streams.worker.state import RECENT, StateCodec, event_id_hash
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from streams.config import Topics, kafka_python_security_from_env
-from streams.events import event_json
+from streams.contracts.events import event_json
 
 log = logging.getLogger("lsti.kafka")
 
@@ -119,7 +119,7 @@ def publish(bootstrap: str, records: Iterable[dict], topic: str = "events", rate
 
 def publish_long_term(prod, topic: str, vectors_of: dict, user_ids) -> int:
     """Send the long-term vectors of `user_ids` (those that have one) keyed by user; returns how many."""
-    from streams.state import encode_vector
+    from streams.contracts.vectors import encode_vector
 
     n = 0
     for uid in user_ids:

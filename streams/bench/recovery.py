@@ -21,11 +21,11 @@ def run_recovery_bench(n_users: int = 100_000, bootstrap: str | None = None, dim
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from streams.artifacts import load_artifact
-    from streams.bench import synthetic_artifact
-    from streams.broker import scratch_broker
-    from streams.events import event_json
-    from streams.kafka_tools import TopicReader, ensure_topics, producer
-    from streams.state import StateCodec
+    from streams.bench.stream import synthetic_artifact
+    from streams.contracts.events import event_json
+    from streams.kafka.broker import scratch_broker
+    from streams.kafka.tools import TopicReader, ensure_topics, producer
+    from streams.worker.state import StateCodec
 
     home = state_home() / "bench-recovery"
     bootstrap, broker = scratch_broker(bootstrap, home / "kafka")
@@ -55,7 +55,7 @@ def run_recovery_bench(n_users: int = 100_000, bootstrap: str | None = None, dim
         out["state_bytes_per_user"] = codec.size
         out["changelog_fill_seconds"] = round(time.perf_counter() - t0, 1)
 
-        from streams.worker import WorkerProcess
+        from streams.worker.process import WorkerProcess
 
         reader = TopicReader(bootstrap, topics.recommendations)
         reader.start()

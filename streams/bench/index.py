@@ -1,4 +1,4 @@
-"""`python -m index.bench --json`: which FAISS CPU index the item index should use at which catalogue size.
+"""`python -m streams.bench.index --json`: which FAISS CPU index the item index should use at which catalogue size.
 
 Compares exact "Flat", "IVF{nlist},Flat" (nprobe sweep) and "HNSW32" (efSearch sweep) at dim 64 with
 inner product, each built through `ItemIndex.build` as production does. Reports build time, serialized

@@ -1,6 +1,6 @@
-"""`python -m streams.bench_state --json`: what per-user state costs in RocksDB, and whether float16 would do.
+"""`python -m streams.bench.state --json`: what per-user state costs in RocksDB, and whether float16 would do.
 
-(a) bytes per user of the state codec (streams/state.py) with h and c in float32 and in float16;
+(a) bytes per user of the state codec (streams/worker/state.py) with h and c in float32 and in float16;
 (b) RocksDB on disk for N users (default 1M), written with rocksdict as a Faust table would (one `put`
     per user, raw bytes), with plain rocksdict options and with the options Faust opens its stores with
     (faust.stores.rocksdb.RocksDBOptions), then flushed and compacted: size, write time, random reads;
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.state import HEADER, RECENT, StateBatch, StateCodec
+from streams.worker.state import HEADER, RECENT, StateBatch, StateCodec
 
 DIM = 64
 MODEL_VERSION = "bench-state"

@@ -1,6 +1,6 @@
 """Summarise a py-spy speedscope profile (`lsti bench stream --profile FILE`): where a worker's time goes.
 
-Usage: python -m streams.profile_summary FILE [--top N]. Prints self and inclusive shares per frame.
+Usage: python -m streams.bench.profile_summary FILE [--top N]. Prints self and inclusive shares per frame.
 """
 
 from __future__ import annotations

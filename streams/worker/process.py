@@ -25,8 +25,8 @@ def run_worker(s: WorkerSettings) -> int:
     """Blocking: create topics, build the app, hand control to Faust until SIGINT/SIGTERM."""
     import faust
 
-    from streams.app import create_app
-    from streams.kafka_tools import ensure_topics
+    from streams.kafka.tools import ensure_topics
+    from streams.worker.app import create_app
 
     logging.basicConfig(level=s.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not s.web_port:

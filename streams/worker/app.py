@@ -23,12 +23,12 @@ from faust.streams import _current_event
 
 from streams.artifacts import load_artifact
 from streams.config import WorkerSettings, kafka_python_security_from_env
-from streams.control import Live, watch_items, watch_versions
-from streams.events import BadEvent, parse_event
-from streams.metrics import Metrics
-from streams.recommender import Incoming, Recommender
-from streams.stall_watch import StallWatch
-from streams.table_cache import TableCache
+from streams.contracts.events import BadEvent, parse_event
+from streams.worker.control import Live, watch_items, watch_versions
+from streams.worker.metrics import Metrics
+from streams.worker.recommender import Incoming, Recommender
+from streams.worker.stall_watch import StallWatch
+from streams.worker.table_cache import TableCache
 
 log = logging.getLogger("lsti.worker")
 
@@ -91,7 +91,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         # A rebalance need not wait for the agent to drain its micro-batch (failover got faster: 20-24 s vs
         # 28-38 s for the test). Events handed out before it may be seen again; the offset dedupe skips them.
         # Under heavy CPU load a surviving worker was seen to stop consuming after a failover, with and
-        # without this setting: the stall watch below (streams/stall_watch.py) detects and repairs that.
+        # without this setting: the stall watch below (streams/worker/stall_watch.py) detects and repairs that.
         stream_wait_empty=False,
         **s.security,
     )

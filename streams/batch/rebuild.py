@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from encoders.data import EVENT_CODE
-from streams.state import RECENT, StateCodec, event_id_hash
+from streams.worker.state import RECENT, StateCodec, event_id_hash
 
 
 def rebuild_changelog(bootstrap: str, artifact_path, records: list[dict], app_id: str = "lsti",
@@ -28,7 +28,7 @@ def rebuild_changelog(bootstrap: str, artifact_path, records: list[dict], app_id
 
     from streams.artifacts import load_artifact
     from streams.config import kafka_python_security_from_env
-    from streams.kafka_tools import normalise, producer
+    from streams.kafka.tools import normalise, producer
 
     t0 = time.perf_counter()
     art = load_artifact(artifact_path)

@@ -42,7 +42,7 @@ from streams.artifacts import (
     verify_artifact,
     write_artifact,
 )
-from streams.build import item_index_for, long_term_vectors
+from streams.batch.build import item_index_for, long_term_vectors
 
 log = logging.getLogger("lsti.nightly")
 
@@ -252,8 +252,8 @@ def publish_nightly(bootstrap: str, path: Path, users: list[str], vectors: np.nd
     from tqdm import tqdm
 
     from streams.config import Topics
-    from streams.kafka_tools import producer
-    from streams.state import encode_vector
+    from streams.contracts.vectors import encode_vector
+    from streams.kafka.tools import producer
 
     ensure_nightly_topics(bootstrap, prefix, partitions)
     topic = Topics.with_prefix(prefix).long_term
@@ -393,9 +393,9 @@ def main_nightly(args: argparse.Namespace) -> int:
     """Entry point of `lsti nightly` (argparse options as documented in the CLI)."""
     bootstrap = None
     if not args.no_publish:
-        from streams.cli import _bootstrap
+        from streams.kafka.bootstrap import resolve_bootstrap
 
-        bootstrap = _bootstrap(args)
+        bootstrap = resolve_bootstrap(args)
     try:
         result = run_nightly(args.dataset, args.data_dir, args.events, args.items, base=args.base,
                              cutoff=args.cutoff, root=args.out, bootstrap=bootstrap,

@@ -32,7 +32,7 @@ from typing import IO, Any
 KAFKA_VERSION = "3.9.2"
 """Default Apache Kafka version; 3.9 is the last line that ships a log4j-1 (reload4j) broker in one jar."""
 
-POM_PATH = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+POM_PATH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
 _MARKER = ".lsti-resolved"
 _STATE_FILE = "broker.json"
 _CLUSTER_ID_FILE = "cluster.id"
@@ -427,7 +427,7 @@ class EmbeddedKafka:
             "log.retention.check.interval.ms": "300000",
         }
         (d / "server.properties").write_text(
-            "# written by streams/broker.py on every start; edits are overwritten\n"
+            "# written by streams/kafka/broker.py on every start; edits are overwritten\n"
             + "".join(f"{k}={v}\n" for k, v in props.items())
         )
         (d / "log4j.properties").write_text(_LOG4J)
