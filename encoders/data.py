@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "fav", "buy")
+from encoders.data_check import EVENT_TYPES, TIE_RULE, ColumnMap, DataError, read_generic
+
+log = logging.getLogger("lsti.data")
 EVENT_CODE: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 = padding
 TAOBAO_TYPES = {"pv": "view", "cart": "cart", "fav": "fav", "buy": "buy"}
 DATASETS = ("ml-1m", "taobao", "amazon-mi")
@@ -44,6 +47,7 @@ class Interactions:
     item_ids: list[str]  # item_ids[0] == "" (padding)
     item_texts: list[str]  # item_texts[0] == ""
     name: str = "custom"
+    source: dict = field(default_factory=dict)  # where the data came from (files, sha256, rows, catalogue rule)
     user_offsets: np.ndarray = field(init=False)  # events of user u: [off[u], off[u+1])
 
     def __post_init__(self) -> None:
@@ -66,6 +70,11 @@ class Interactions:
 
     def item_code(self) -> dict[str, int]:
         return {iid: i for i, iid in enumerate(self.item_ids) if i}
+
+    @property
+    def label(self) -> str:
+        """The data's name in reports: the shared dataset's name, or `events:<stem>:<sha8>` for generic data."""
+        return self.source.get("label", self.name)
 
 
 def build_interactions(
@@ -133,7 +142,10 @@ def load_movielens(data_dir: Path | None = None) -> Interactions:
                 uid, mid, _rating, t = line.rstrip("\n").split("::")
                 yield uid, mid, "view", int(t)
 
-    return build_interactions(rows(), texts, name="ml-1m")
+    data = build_interactions(rows(), texts, name="ml-1m")
+    data.source = {"kind": "shared", "label": "ml-1m", "files": [ratings.name, "movies.dat"],
+                   "catalogue": "every title of movies.dat"}
+    return data
 
 
 def load_taobao(data_dir: Path | None = None) -> Interactions:
@@ -147,7 +159,9 @@ def load_taobao(data_dir: Path | None = None) -> Interactions:
             uid, iid, cid, behaviour, t = rec
             texts.setdefault(iid, f"product in category {cid}")
             raw.append((uid, iid, TAOBAO_TYPES[behaviour], int(t)))
-    return build_interactions(raw, texts, name="taobao", keep_all_items=False)
+    data = build_interactions(raw, texts, name="taobao", keep_all_items=False)
+    data.source = {"kind": "shared", "label": "taobao", "files": [path.name], "catalogue": "events"}
+    return data
 
 
 def load_amazon_mi(data_dir: Path | None = None) -> Interactions:
@@ -162,33 +176,63 @@ def load_amazon_mi(data_dir: Path | None = None) -> Interactions:
             summaries.setdefault(rec["asin"], []).append(rec.get("summary", ""))
             raw.append((rec["reviewerID"], rec["asin"], "buy", int(rec["unixReviewTime"])))
     texts = {k: "; ".join(v[:5]) for k, v in summaries.items()}
-    return build_interactions(raw, texts, name="amazon-mi", keep_all_items=False)
+    data = build_interactions(raw, texts, name="amazon-mi", keep_all_items=False)
+    data.source = {"kind": "shared", "label": "amazon-mi", "files": [path.name], "catalogue": "events"}
+    return data
 
 
-def _read_records(path: Path) -> Iterator[dict]:
-    """Rows of a CSV (with header) or JSONL file, plain or gzip."""
-    name = str(path).removesuffix(".gz")
-    with _open_text(path) as f:
-        if name.endswith((".jsonl", ".json", ".ndjson")):
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-        else:
-            yield from csv.DictReader(f)
+def load_generic(events_path: Path, items_path: Path | None = None, cols: ColumnMap | None = None,
+                 max_refused: float | None = None) -> Interactions:
+    """The open format: events `user_id,item_id,event_type,ts`; items `item_id,text` (CSV, TSV, JSONL or
+    MovieLens .dat, plain or gzip), other column names through `cols`. The checks of encoders.data_check
+    run first: their notes and warnings are logged, a refused input raises DataError (one line)."""
+    kw = {} if max_refused is None else {"max_refused": max_refused}
+    got = read_generic(events_path, items_path, cols, EVENT_TYPES, **kw)
+    rep = got.report
+    for line in rep.notes:
+        log.info("data: %s", line)
+    for line in rep.warnings:
+        log.warning("data: %s", line)
+    if not rep.ok:
+        raise DataError(rep.error_line() + " (`lsti data check` with the same options prints the full report)")
+    order = range(len(got.users))
+    if len(got.ts) and not np.array_equal(got.fine_ts, got.ts):
+        # Finer-than-second timestamps: order by them (stably) so events within one second keep it.
+        order = np.argsort(got.fine_ts, kind="stable").tolist()
+    rows = ((got.users[j], got.items[j], got.types[j], int(got.ts[j])) for j in order)
+    data = build_interactions(rows, got.texts or None, name=Path(events_path).stem)
+    data.source = {
+        "kind": "generic", "label": rep.label,
+        "files": {role: {k: f[k] for k in ("name", "sha256", "bytes", "format", "encoding")}
+                  for role, f in rep.files.items()},
+        "rows": rep.rows, "columns": rep.columns, "timestamps": rep.stats.get("timestamp_unit", "seconds"),
+        "duplicates": rep.stats.get("duplicates", 0), "split_ties": rep.stats.get("ties"),
+        "catalogue": "items file + events" if got.texts else "events",
+        "items_in_file": rep.stats.get("items_in_file"), "warnings": list(rep.warnings),
+    }
+    return data
 
 
-def load_generic(events_path: Path, items_path: Path | None = None) -> Interactions:
-    """The open format: events `user_id,item_id,event_type,ts`; items `item_id,text` (CSV or JSONL)."""
-    texts: dict[str, str] = {}
-    if items_path is not None:
-        for rec in _read_records(items_path):
-            texts[str(rec["item_id"])] = str(rec["text"])
-
-    def rows() -> Iterator[tuple[str, str, str, int]]:
-        for rec in _read_records(events_path):
-            yield str(rec["user_id"]), str(rec["item_id"]), str(rec["event_type"]), int(float(rec["ts"]))
-
-    return build_interactions(rows(), texts or None, name=Path(events_path).stem)
+def describe_data(data: Interactions) -> dict:
+    """The `data` object of a report: what was read, which items are ranked and why, the tie rule."""
+    src = dict(data.source or {"kind": "in-memory", "label": data.label, "catalogue": "events"})
+    seen = np.zeros(data.n_items + 1, dtype=bool)
+    seen[np.unique(data.items)] = True
+    never = int(data.n_items - seen[1:].sum())
+    rule = src.pop("catalogue", "events")
+    n_file = src.pop("items_in_file", None)
+    if rule == "items file + events" and n_file is not None:
+        only = data.n_items - n_file
+        text = (f"all items of the items file ({n_file:,}), of which {never:,} never appear in events"
+                + (f", plus {only:,} items named only by events (placeholder text)" if only else ""))
+    elif rule == "every title of movies.dat":
+        text = f"every title of movies.dat ({data.n_items:,}), of which {never:,} have no event"
+    else:
+        text = f"every item named by at least one event ({data.n_items:,})"
+    src["candidates"] = {"n": data.n_items, "never_in_events": never, "rule": text,
+                         "note": "every candidate is ranked for every test case (full ranking)"}
+    src["tie_break"] = TIE_RULE
+    return src
 
 
 def load_dataset(
@@ -196,10 +240,12 @@ def load_dataset(
     data_dir: Path | None = None,
     events: Path | None = None,
     items: Path | None = None,
+    cols: ColumnMap | None = None,
+    max_refused: float | None = None,
 ) -> Interactions:
-    """Dispatch by dataset name, or the generic format when `events` is given."""
+    """Dispatch by dataset name, or the generic format (read through `cols`) when `events` is given."""
     if events is not None:
-        return load_generic(Path(events), Path(items) if items else None)
+        return load_generic(Path(events), Path(items) if items else None, cols, max_refused)
     loaders = {"ml-1m": load_movielens, "taobao": load_taobao, "amazon-mi": load_amazon_mi}
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(loaders)} or pass --events")

@@ -218,4 +218,4 @@ def pool_reports(reports: list[dict]) -> dict:
     runs = [run for r in reports for run in r["runs"]]
     out = {k: v for k, v in first.items() if k in ("dataset", "model", "protocol", "users", "n_items", "n_events",
                                                    "cold_items")}
-    return {**out, "seeds": seeds, **seed_runs_report(runs)}
+    return {**out, "seeds": seeds, **seed_runs_report(runs), **({"data": first["data"]} if "data" in first else {})}

@@ -21,18 +21,68 @@ def _add_bootstrap(p: argparse.ArgumentParser) -> None:
                    "started by `lsti broker`)")
 
 
+class _Given(argparse.Action):
+    """Stores the value and remembers that the option was given (so --dataset with --events can be refused)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _add_data(p: argparse.ArgumentParser, default_dataset: str | None = "ml-1m") -> None:
-    p.add_argument("--dataset", default=default_dataset, choices=["ml-1m", "taobao", "amazon-mi"],
-                   help=f"shared dataset to use (default {default_dataset})")
+    p.add_argument("--dataset", default=default_dataset, choices=["ml-1m", "taobao", "amazon-mi"], action=_Given,
+                   help=f"shared dataset to use (default {default_dataset}; not with --events)")
     p.add_argument("--data-dir", type=Path, help=f"folder holding the datasets ({DEFAULT_DATA})")
-    p.add_argument("--events", type=Path, help="generic events file (CSV/JSONL: user_id,item_id,event_type,ts)")
-    p.add_argument("--items", type=Path, help="generic items file (CSV/JSONL: item_id,text)")
+    p.add_argument("--events", type=Path, help="your own events file (CSV/TSV/JSONL/MovieLens .dat, plain or .gz; "
+                   "columns user_id,item_id,event_type,ts unless mapped: see --user-col...; README `Your own data`)")
+    p.add_argument("--items", type=Path, help="your own items file (same formats; columns item_id,text unless mapped)")
+
+
+COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "type_col", "event_type", "type_map", "text_cols",
+                  "max_refused")
+
+
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    """Column mapping of --events/--items data (encoders.data_check.ColumnMap)."""
+    g = p.add_argument_group("columns of --events/--items data")
+    g.add_argument("--user-col", help="events: the user id column (default user_id)")
+    g.add_argument("--item-col", help="the item id column of the events and of the items file (default item_id; "
+                   "the items file may also call it item_id)")
+    g.add_argument("--time-col", help="events: the timestamp column (default ts): epoch seconds, or milliseconds "
+                   "and finer (detected: values > 1e11, converted), or ISO dates")
+    types = g.add_mutually_exclusive_group()
+    types.add_argument("--type-col", help="events: the event type column (default event_type)")
+    types.add_argument("--event-type", help="give every event this type, for data without one (ratings, "
+                       "reviews): view, click, cart, fav or buy")
+    g.add_argument("--type-map", metavar="FROM=TO,...", help="rename raw event types, e.g. "
+                   "addtocart=cart,transaction=buy")
+    g.add_argument("--text-cols", metavar="COL,COL", help="items: the text column(s) (default text); several are "
+                   "joined: 'title. Genres: a, b'")
+    g.add_argument("--max-refused", type=float, metavar="FRAC", help="refuse the input when more than this share "
+                   "of rows cannot be read (default 0.01)")
+
+
+def _columns(args: argparse.Namespace):
+    """The ColumnMap of the column options (None when none was given)."""
+    from encoders.data_check import ColumnMap
+
+    if all(getattr(args, k, None) is None for k in COLUMN_OPTIONS[:-1]):
+        return None
+    return ColumnMap.from_options(args.user_col, args.item_col, args.time_col, args.type_col, args.event_type,
+                                  args.type_map, args.text_cols)
+
+
+def _load(args: argparse.Namespace):
+    from encoders.data import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, args.events, args.items, cols=_columns(args),
+                        max_refused=getattr(args, "max_refused", None))
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs (default 20; early stopping on validation)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (default 14)")
-    p.add_argument("--dim", type=int, help="embedding size (default 128)")
+    p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec)")
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec)")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
@@ -117,19 +167,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from streams.batch.build import build
 
     tcfg, mcfg = train_configs(args)
+    _threads(args)
     path = build(args.dataset, args.data_dir, args.events, args.items, mode=args.model, train_cfg=tcfg,
-                 model_cfg=mcfg, root=args.out)
+                 model_cfg=mcfg, root=args.out, data=_load(args), progress=not args.quiet)
     print(json.dumps(json.loads((path / "manifest.json").read_text())["test_metrics"]))
     print(f"artifact: {path}", file=sys.stderr)
     return 0
 
 
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from encoders.data import load_dataset
+    from encoders.data import describe_data
     from encoders.evaluate import PROTOCOL, run_model, seed_runs_report, text_vectors_for
     from encoders.split import LeaveOneOut, hold_out_items
 
-    data = load_dataset(args.dataset, args.data_dir, args.events, args.items)
+    _threads(args)
+    data = _load(args)
     hidden = hold_out_items(data, args.cold_items) if args.cold_items else None
     split = LeaveOneOut(data, hidden)
     runs = []
@@ -150,9 +209,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runs.append(run_model(args.model, split, seed, tcfg, mcfg, progress=not args.quiet, text_vectors=tv,
                               model=model))
     out = {
-        "dataset": data.name, "model": args.model, "protocol": PROTOCOL, "seeds": seeds,
+        "dataset": data.label, "model": args.model, "protocol": PROTOCOL, "seeds": seeds,
         "users": runs[0]["test"]["users"], "n_items": data.n_items, "n_events": int(len(data.items)),
-        **seed_runs_report(runs),
+        **seed_runs_report(runs), "data": describe_data(data),
     }
     if hidden is not None:
         out["cold_items"] = {"fraction": args.cold_items, "hidden_items": int(len(hidden)),
@@ -162,9 +221,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(text)
     else:
-        print(f"{data.name} {args.model}: NDCG@10 {out['ndcg@10']:.4f} HR@10 {out['hr@10']:.4f} "
+        print(f"{data.label} {args.model}: NDCG@10 {out['ndcg@10']:.4f} HR@10 {out['hr@10']:.4f} "
               f"NDCG@20 {out['ndcg@20']:.4f} HR@20 {out['hr@20']:.4f} over {out['users']} users")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from encoders.data_check import DEFAULT_MAX_REFUSED, check_files
+
+    cols = _columns(args)
+    rep = check_files(args.events, args.items, cols, max_refused=args.max_refused or DEFAULT_MAX_REFUSED)
+    print(json.dumps(rep.to_dict(), indent=None if args.json else 2) if args.json else rep.summary())
+    if not rep.ok:
+        print(f"error: {rep.errors[0]}" + (f" (and {len(rep.errors) - 1} more)" if len(rep.errors) > 1 else ""),
+              file=sys.stderr)
+        return 1
+    return 1 if args.strict and rep.warnings else 0
 
 
 def cmd_eval_pool(args: argparse.Namespace) -> int:
@@ -297,12 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write a versioned artifact (weights, index, vectors)")
     _add_data(t)
     _add_train(t)
+    _add_columns(t)
     t.add_argument("--model", default="fused", choices=["fused", "short", "long"])
     t.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also off when stderr is no "
+                   "terminal)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="leave-one-out, full-ranking evaluation of one model on one dataset")
     _add_data(e)
+    _add_columns(e)
     _add_train(e)
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
     e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
@@ -312,12 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cold-start experiment: hide this fraction of items from training (e.g. 0.1) and "
                         "report test targets among them (`cold`) apart")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads; default: torch's choice)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also off when stderr is no "
+                   "terminal)")
     e.set_defaults(func=cmd_eval)
     ep = sub.add_parser("eval-pool", help="pool `lsti eval --json` outputs of the same model run with other seeds "
                         "(mean and spread over all their runs)")
     ep.add_argument("reports", nargs="+", type=Path, help="JSON files written by `lsti eval --json`")
     ep.set_defaults(func=cmd_eval_pool)
+    dat = sub.add_parser("data", help="your own data: `lsti data check --events F --items F`")
+    dsub = dat.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    dc = dsub.add_parser("check", help="check --events/--items files before training: columns, refused rows, "
+                         "id overlap, duplicates, timestamp ties; exits 1 when the input would be refused")
+    dc.add_argument("--events", type=Path, required=True, help="events file (CSV/TSV/JSONL/MovieLens .dat, "
+                    "plain or .gz)")
+    dc.add_argument("--items", type=Path, help="items file (same formats)")
+    _add_columns(dc)
+    dc.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    dc.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    dc.set_defaults(func=cmd_data_check)
     n = sub.add_parser("nightly", help="refresh without retraining: new items, long-term vectors, index; "
                        "publish, then make CURRENT")
     add_nightly_args(n)
@@ -372,7 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(DELEGATED_BENCHES[argv[1]][0]).main(argv[2:]) or 0)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "events", None) is not None and getattr(args, "dataset_given", False):
+        parser.error("--dataset and --events exclude each other: --events reads your own data, --dataset a "
+                     "shared one")
+    if getattr(args, "events", None) is None and any(getattr(args, k, None) is not None for k in COLUMN_OPTIONS):
+        parser.error("the column options (--user-col, --item-col, ...) apply to --events/--items data only")
+    if getattr(args, "quiet", None) is False and not sys.stderr.isatty():
+        args.quiet = True  # progress bars only on a terminal: in a log they are ~66 KB of redraws per run
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar too
     if args.command == "run":
         # One compute thread per worker process: the math is on micro-batches, and BLAS/OpenMP pools
         # spinning beside the event loop cost more than they give (scale out with processes instead).
@@ -381,7 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return int(args.func(args) or 0)
+    from encoders.data_check import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except DataError as e:  # refused input data: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
