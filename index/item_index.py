@@ -15,6 +15,10 @@ import numpy as np
 from index.defaults import apply_search_params, default_search_params, flat_blas_threshold
 
 log = logging.getLogger("lsti.index")
+# Before faiss is first imported (lazily, below): its loader logs at INFO each optional build it tries, and
+# "Could not load library with AVX2 support due to: ModuleNotFoundError(... swigfaiss_avx2 ...)" is the
+# expected fallback of a wheel without that build, not an error; warnings still show.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _faiss():

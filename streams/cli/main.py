@@ -119,25 +119,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_worker(s)
 
 
+def _checked_bootstrap(args: argparse.Namespace) -> str:
+    """The bootstrap, once one connection with the LSTI_KAFKA_* settings worked; else exit with one line
+    (refused authentication, untrusted certificate, plaintext client on a TLS/SASL listener, no broker)."""
+    from streams.kafka.tools import KafkaAccessError, check_access
+
+    bootstrap = resolve_bootstrap(args)
+    try:
+        check_access(bootstrap)
+    except KafkaAccessError as e:
+        sys.exit(f"error: {e}")
+    return bootstrap
+
+
+def _add_topic_prefix(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topic-prefix", default="", metavar="PREFIX", help="prefix of the topic name, as given to "
+                   "`lsti run --topic-prefix` (the topic used is PREFIX + --topic)")
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
     from streams.kafka.tools import publish, read_event_log
 
-    n = publish(resolve_bootstrap(args), read_event_log(args.file), topic=args.topic, rate=args.rate,
-                progress=not args.quiet)
-    print(f"published {n} events to {args.topic}", file=sys.stderr)
+    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + args.topic
+    try:
+        n = publish(bootstrap, read_event_log(args.file), topic=topic, rate=args.rate, progress=not args.quiet)
+    except KafkaError as e:
+        sys.exit(f"error: publishing to {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
+    print(f"published {n} events to {topic}", file=sys.stderr)
     return 0
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
     from streams.kafka.tools import consume
 
+    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + args.topic
     try:
-        for _key, value in consume(resolve_bootstrap(args), args.topic, from_beginning=args.from_beginning,
+        for _key, value in consume(bootstrap, topic, from_beginning=args.from_beginning,
                                   max_messages=args.max, timeout_s=args.timeout, group=args.group):
             sys.stdout.write(value.decode(errors="replace") + "\n")
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
+    except KafkaError as e:
+        sys.exit(f"error: consuming {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
     return 0
 
 
@@ -339,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="publish events (JSONL/CSV file, or - for JSONL on stdin)")
     _add_bootstrap(pub)
     pub.add_argument("file", help="events file or -")
-    pub.add_argument("--topic", default="events")
+    pub.add_argument("--topic", default="events", help="topic (default events)")
+    _add_topic_prefix(pub)
     pub.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pub.set_defaults(func=cmd_publish)
@@ -347,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     con = sub.add_parser("consume", help="print recommendations (JSON lines) as they arrive")
     _add_bootstrap(con)
     con.add_argument("--topic", default="recommendations", help="topic (recommendations, events-dlq, ...)")
+    _add_topic_prefix(con)
     con.add_argument("--from-beginning", action="store_true")
     con.add_argument("--max", type=int, help="stop after this many messages")
     con.add_argument("--timeout", type=float, help="stop after this many seconds without a message")

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -230,6 +232,84 @@ def find_running_broker(data_dir: Path) -> str | None:
 # --------------------------------------------------------------------------- the broker
 
 
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+_SCRAM_USERS_FILE = "scram-users.json"
+_SCRAM_UNSAFE = set(',[]="\\\'') | {" ", "\t", "\n"}
+
+
+@dataclass(frozen=True)
+class SaslSslListener:
+    """An extra client listener ``SASL_SSL://127.0.0.1:<port>`` with SCRAM-SHA-512 users (``sasl_ssl=``).
+
+    ``keystore``: the broker's key and certificate (PKCS12 by default; its certificate must name
+    ``127.0.0.1``/``localhost``, clients check it against their CA file). ``users``: SCRAM-SHA-512
+    name -> password, created when the storage is formatted (KRaft has no other way before the broker
+    runs), i.e. on the first start of a ``data_dir``; a later start with other users is refused.
+    ``truststore`` + ``client_auth="required"`` adds mutual TLS. The PLAINTEXT listener stays on
+    loopback for the broker's own (inter-broker, controller) traffic and the readiness probe; clients
+    that must authenticate are given ``EmbeddedKafka.sasl_ssl_bootstrap`` only.
+    """
+
+    keystore: Path
+    keystore_password: str = field(repr=False)
+    users: Mapping[str, str] = field(repr=False)
+    truststore: Path | None = None
+    truststore_password: str | None = field(default=None, repr=False)
+    keystore_type: str = "PKCS12"
+    client_auth: str = "none"  # none, requested, required (the latter two need the truststore)
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.users:
+            raise ValueError("SaslSslListener needs at least one SCRAM user")
+        for name, password in self.users.items():
+            if not name or not password or _SCRAM_UNSAFE & set(name + password):
+                raise ValueError(
+                    f"SCRAM user {name!r}: name and password must be non-empty, without spaces, quotes, "
+                    "commas, brackets or '=' (kafka-storage --add-scram syntax)"
+                )
+        if self.client_auth not in ("none", "requested", "required"):
+            raise ValueError(f"client_auth must be none, requested or required, not {self.client_auth!r}")
+        if self.client_auth != "none" and self.truststore is None:
+            raise ValueError(f"client_auth={self.client_auth!r} needs a truststore")
+
+    def secrets(self) -> list[str]:
+        """Every password this listener knows (to redact them from error messages)."""
+        return [p for p in (self.keystore_password, self.truststore_password, *self.users.values()) if p]
+
+    def properties(self) -> dict[str, str]:
+        """server.properties entries of the listener named SASL_SSL (beside the listener lists)."""
+        jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        out = {
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": jaas,
+            "listener.name.sasl_ssl.ssl.keystore.type": self.keystore_type,
+            "listener.name.sasl_ssl.ssl.keystore.location": _prop(Path(self.keystore).resolve()),
+            "listener.name.sasl_ssl.ssl.keystore.password": _prop(self.keystore_password),
+            "listener.name.sasl_ssl.ssl.client.auth": self.client_auth,
+        }
+        if self.truststore is not None:
+            out["listener.name.sasl_ssl.ssl.truststore.type"] = self.keystore_type
+            out["listener.name.sasl_ssl.ssl.truststore.location"] = _prop(Path(self.truststore).resolve())
+            if self.truststore_password:
+                out["listener.name.sasl_ssl.ssl.truststore.password"] = _prop(self.truststore_password)
+        return out
+
+    def scram_args(self) -> list[str]:
+        """``kafka-storage format`` arguments creating the users."""
+        out: list[str] = []
+        for name, password in self.users.items():
+            out += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]"]
+        return out
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 class EmbeddedKafka:
     """One single-node KRaft Apache Kafka broker (broker + controller) living in ``data_dir``.
 
@@ -239,6 +319,9 @@ class EmbeddedKafka:
 
     ``die_with_parent`` (Linux) sends the broker SIGTERM when the thread that started it dies, so a
     killed test run or CLI never leaves an orphan JVM behind; start it from a long-lived thread.
+
+    ``sasl_ssl`` (a ``SaslSslListener``) adds a SASL_SSL/SCRAM-SHA-512 client listener at
+    ``sasl_ssl_bootstrap``; without it the broker is plaintext only, as before.
     """
 
     def __init__(
@@ -248,6 +331,7 @@ class EmbeddedKafka:
         heap_mb: int = 384,
         version: str = KAFKA_VERSION,
         die_with_parent: bool = True,
+        sasl_ssl: SaslSslListener | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.version = version
@@ -256,6 +340,8 @@ class EmbeddedKafka:
         self._requested_port = port
         self._port: int | None = port
         self._controller_port: int | None = None
+        self.sasl_ssl = sasl_ssl
+        self._sasl_port: int | None = sasl_ssl.port if sasl_ssl else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._lock = threading.RLock()
@@ -272,6 +358,15 @@ class EmbeddedKafka:
     @property
     def port(self) -> int | None:
         return self._port
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """``127.0.0.1:<port>`` of the SASL_SSL listener (needs ``sasl_ssl`` and a start)."""
+        if self.sasl_ssl is None:
+            raise RuntimeError("EmbeddedKafka has no SASL_SSL listener: pass sasl_ssl=SaslSslListener(...)")
+        if self._sasl_port is None:
+            raise RuntimeError("EmbeddedKafka has no port yet: call start() first")
+        return f"{_HOST}:{self._sasl_port}"
 
     @property
     def controller_port(self) -> int | None:
@@ -374,6 +469,13 @@ class EmbeddedKafka:
         if not (isinstance(cport, int) and cport != port and _port_free(cport)):
             cport = _free_port(exclude=(port,))
         self._port, self._controller_port = port, cport
+        if self.sasl_ssl is not None:
+            sport = self.sasl_ssl.port or state.get("sasl_ssl_port")
+            if not self.sasl_ssl.port and not (
+                isinstance(sport, int) and sport not in (port, cport) and _port_free(sport)
+            ):
+                sport = _free_port(exclude=(port, cport))
+            self._sasl_port = sport
 
     def _cluster_id(self) -> str:
         path = self.data_dir / _CLUSTER_ID_FILE
@@ -426,6 +528,12 @@ class EmbeddedKafka:
             "log.segment.bytes": str(256 * 1024 * 1024),
             "log.retention.check.interval.ms": "300000",
         }
+        if self.sasl_ssl is not None:
+            sasl = f"SASL_SSL://{_HOST}:{self._sasl_port}"
+            props["listeners"] += f",{sasl}"
+            props["advertised.listeners"] += f",{sasl}"
+            props["listener.security.protocol.map"] += ",SASL_SSL:SASL_SSL"
+            props.update(self.sasl_ssl.properties())
         (d / "server.properties").write_text(
             "# written by streams/kafka/broker.py on every start; edits are overwritten\n"
             + "".join(f"{k}={v}\n" for k, v in props.items())
@@ -433,8 +541,24 @@ class EmbeddedKafka:
         (d / "log4j.properties").write_text(_LOG4J)
 
     def _format_storage(self, libs: Path) -> None:
-        """Format the KRaft log dir once; later starts reuse it (and the saved cluster id)."""
+        """Format the KRaft log dir once; later starts reuse it (and the saved cluster id).
+
+        SCRAM users of a ``sasl_ssl`` listener are created here (``--add-scram``): only their names are
+        kept (``scram-users.json``), so a later start asking for other users is refused, not ignored.
+        """
+        users_file = self.data_dir / _SCRAM_USERS_FILE
+        wanted = sorted(self.sasl_ssl.users) if self.sasl_ssl is not None else []
         if (self.data_dir / "kraft-logs" / "meta.properties").is_file():
+            if wanted:
+                try:
+                    have = json.loads(users_file.read_text())
+                except (OSError, ValueError):
+                    have = []
+                if have != wanted:
+                    raise RuntimeError(
+                        f"{self.data_dir} was formatted with SCRAM users {have}, not {wanted}: SCRAM users "
+                        "are created when the storage is formatted; use a fresh data_dir"
+                    )
             return
         cmd = [
             "java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
@@ -442,12 +566,18 @@ class EmbeddedKafka:
             "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
             "-t", self._cluster_id(), "-c", str(self.data_dir / "server.properties"),
         ]  # fmt: skip
+        secrets: list[str] = []
+        if self.sasl_ssl is not None:
+            cmd += self.sasl_ssl.scram_args()
+            secrets = self.sasl_ssl.secrets()
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"kafka-storage format failed (exit {proc.returncode}) in {self.data_dir}:\n"
-                + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+                + _redact("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:]), secrets)
             )
+        if wanted:
+            users_file.write_text(json.dumps(wanted) + "\n")
 
     def _launch(self, libs: Path) -> None:
         d = self.data_dir
@@ -490,6 +620,11 @@ class EmbeddedKafka:
                 "port": self._port,
                 "controller_port": self._controller_port,
                 "started_at": time.time(),
+                **(
+                    {"sasl_ssl_bootstrap": self.sasl_ssl_bootstrap, "sasl_ssl_port": self._sasl_port}
+                    if self.sasl_ssl is not None
+                    else {}
+                ),
             },
         )
         atexit.register(self.stop)
@@ -526,8 +661,12 @@ class EmbeddedKafka:
                     )
                     cluster = admin.describe_cluster()
                     if any(b.get("broker_id", b.get("node_id")) == 1 for b in cluster.get("brokers", [])):
-                        return
-                    last_error = RuntimeError(f"broker not registered yet: {cluster}")
+                        # all client listeners open together; the check guards a misconfigured one
+                        if self._sasl_port is None or _port_answers(self._sasl_port, timeout=0.5):
+                            return
+                        last_error = RuntimeError(f"SASL_SSL listener {_HOST}:{self._sasl_port} not answering")
+                    else:
+                        last_error = RuntimeError(f"broker not registered yet: {cluster}")
                 except Exception as exc:  # any failure means "not ready yet"
                     last_error = exc
                 finally:

@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -20,6 +21,92 @@ from streams.config import Topics, kafka_python_security_from_env
 from streams.contracts.events import event_json
 
 log = logging.getLogger("lsti.kafka")
+
+
+class KafkaAccessError(RuntimeError):
+    """The broker cannot be used with these settings: refused authentication, TLS, unreachable (one line)."""
+
+
+_SETTINGS_HINT = ("LSTI_KAFKA_SECURITY_PROTOCOL, LSTI_KAFKA_SASL_MECHANISM, LSTI_KAFKA_SASL_USERNAME/_PASSWORD, "
+                  "LSTI_KAFKA_SSL_CAFILE")
+
+
+def check_access(bootstrap: str, timeout_s: float = 30.0) -> None:
+    """Connect once with the LSTI_KAFKA_* settings (TLS handshake, SASL authentication, one metadata request)
+    and raise `KafkaAccessError` with a one-line reason when that fails.
+
+    Why: kafka-python 3 logs a refused SASL authentication and retries the bootstrap until its timeout,
+    then reports only "Unable to bootstrap"; one aiokafka connection raises the broker's answer at once,
+    so `lsti publish` / `lsti consume` fail fast and say what is wrong. The reason never holds a password.
+    """
+    import asyncio
+    import ssl
+
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import (
+        KafkaConnectionError,
+        KafkaError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    env = os.environ
+    protocol = env.get("LSTI_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT") or "PLAINTEXT"
+    mechanism = env.get("LSTI_KAFKA_SASL_MECHANISM", "PLAIN") or "PLAIN"
+    kwargs: dict = {"security_protocol": protocol}
+    if protocol.startswith("SASL"):
+        if not env.get("LSTI_KAFKA_SASL_USERNAME") or not env.get("LSTI_KAFKA_SASL_PASSWORD"):
+            raise KafkaAccessError(f"authentication: LSTI_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                                   "LSTI_KAFKA_SASL_USERNAME and LSTI_KAFKA_SASL_PASSWORD")
+        kwargs.update(sasl_mechanism=mechanism, sasl_plain_username=env["LSTI_KAFKA_SASL_USERNAME"],
+                      sasl_plain_password=env["LSTI_KAFKA_SASL_PASSWORD"])
+    if protocol.endswith("SSL"):  # as the workers' context: the CA file, else the system's CAs
+        try:
+            ctx = ssl.create_default_context(cafile=env.get("LSTI_KAFKA_SSL_CAFILE") or None)
+            if env.get("LSTI_KAFKA_SSL_CERTFILE"):
+                ctx.load_cert_chain(env["LSTI_KAFKA_SSL_CERTFILE"], env.get("LSTI_KAFKA_SSL_KEYFILE") or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise KafkaAccessError(f"TLS: cannot read LSTI_KAFKA_SSL_CAFILE/_CERTFILE/_KEYFILE: {exc}") from None
+        kwargs["ssl_context"] = ctx
+
+    async def probe(host: str, port: int) -> None:
+        conn = await create_conn(host, port, client_id="lsti-access-check",
+                                 request_timeout_ms=int(timeout_s * 1000), **kwargs)
+        try:
+            await conn.send(MetadataRequest([]))
+        finally:
+            conn.close()
+
+    reason = "no bootstrap address"
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    for address in filter(None, (a.strip() for a in bootstrap.split(","))):
+        host, _, port = address.rpartition(":")
+        try:
+            quiet.setLevel(logging.WARNING)  # its INFO lines ("Loading SSL CA ...") would precede our one line
+            asyncio.run(asyncio.wait_for(probe(host, int(port)), timeout_s))
+            return
+        except SaslAuthenticationFailed as exc:
+            raise KafkaAccessError(f"authentication failed at {address} (SASL {mechanism} as user "
+                                   f"{kwargs['sasl_plain_username']!r}): {exc.args[0] if exc.args else exc}; "
+                                   "check LSTI_KAFKA_SASL_USERNAME/_PASSWORD") from None
+        except UnsupportedSaslMechanismError as exc:
+            raise KafkaAccessError(f"authentication: {address} does not offer SASL mechanism {mechanism}: "
+                                   f"{exc}; set LSTI_KAFKA_SASL_MECHANISM") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise KafkaAccessError(f"TLS: the certificate of {address} is not trusted ({exc.verify_message}); "
+                                   "set LSTI_KAFKA_SSL_CAFILE to its CA (authentication not attempted)") from None
+        except KafkaConnectionError as exc:
+            reason = (f"{address} closed the connection ({exc}) with security protocol {protocol}: it may "
+                      f"require TLS and/or SASL authentication; set {_SETTINGS_HINT}")
+        except (OSError, KafkaError) as exc:  # TimeoutError is an OSError
+            reason = f"cannot use the Kafka at {address} ({type(exc).__name__}: {str(exc) or 'timed out'})"
+        except ValueError as exc:  # a port that is not a number
+            reason = f"bad bootstrap address {address!r}: {exc}"
+        finally:
+            quiet.setLevel(level)
+    raise KafkaAccessError(reason)
 
 
 def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = None) -> None:
