@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from test_faults import health, make_stream, unique_events, wait_until
+from test_faults import health, make_stream, unique_events, wait_progress, wait_until
 
 from streams.artifacts import load_artifact, write_artifact
 from streams.config import Topics
@@ -55,7 +55,7 @@ def test_live_swap_refuses_bad_artifacts_and_adds_items(kafka, start_worker, nam
     control = {"version": v2.name, "path": str(v2), "weights_version": "x", "ts": time.time()}
     publish_raw(kafka, [(b"model", json.dumps(control).encode())], topics.model_versions)
     pub.join()
-    wait_until(lambda: len(unique_events(recs)) == len(msgs), 120, "every event answered")
+    wait_progress(lambda: len(unique_events(recs)), len(msgs), "every event answered")
     outs = [json.loads(v) for _, v in list(recs.records)]
     versions = [o["model_version"] for o in outs]
     assert versions[0] == "tiny-v1" and versions[-1] == v2.name, "the version did not change mid-stream"

@@ -112,8 +112,9 @@ def test_index_add_makes_new_items_searchable():
     assert got[0, 0] == 99
 
 
-def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
-    """After a crash a batch may hold only events the state already has: each is answered, none applied."""
+def test_batch_of_only_redeliveries_is_neither_applied_nor_answered_again(tiny_artifact):
+    """After a crash a batch may hold only events the state already has. The state holds an event only
+    after its answer was delivered, so none is applied or answered again, and the state is not rewritten."""
     from streams.artifacts import load_artifact
     from streams.contracts.events import Event
     from streams.worker.recommender import Incoming, Recommender
@@ -123,8 +124,10 @@ def test_batch_of_only_redeliveries_is_answered_again(tiny_artifact):
     res = rec.process(first, {}, {})
     assert res.applied == 3 and len(res.outputs) == 3
     again = rec.process(first, {"u1": res.states["u1"]}, {})
-    assert again.applied == 0 and again.duplicates == 3 and len(again.outputs) == 3
-    assert again.states["u1"] == res.states["u1"]
+    assert again.applied == 0 and again.duplicates == 3 and again.outputs == [] and again.states == {}
+    mixed = rec.process(first + [Incoming(Event("e3", "u1", "i1", "view", 1.6e9 + 3), 0, 3)],
+                        {"u1": res.states["u1"]}, {})
+    assert mixed.applied == 1 and mixed.duplicates == 3 and [u for u, _ in mixed.outputs] == ["u1"]
 
 
 def test_state_codec_float16_variant_is_smaller_and_either_precision_reads_both():

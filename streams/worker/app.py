@@ -1,55 +1,36 @@
 """The Faust app: topics, tables and agents declared in one place, around a `Recommender`.
 
-Agents stay small: parse + dead-letter, then hand a micro-batch per partition to the model object.
-
-Why `in_partition`: Faust's table get/set and its RocksDB store pick the partition from the
-*current event*. With `take_events` the current event is the last of the batch, which may belong to
-another partition; writes would land in the wrong changelog partition and RocksDB shard. So each
-partition's slice of the batch runs with one of its own events made current.
+Records reach the agents through the batch path (`streams/worker/batches.py`): one Faust event per
+fetched partition batch. Per batch the agent parses every record (a bad one is dead-lettered alone),
+runs the model once for the batch, sends the answers and dead letters as record batches and waits for
+them, then writes the users' states (`streams/worker/state_store.py`: changelog, then RocksDB), and
+only then acks the batch's offset range. So a state that holds an event implies its answer was
+delivered, and an exception anywhere leaves the batch un-acked: nothing is committed past it, and the
+worker stops (exit code 70) so that a restart reads the batch again.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
 import logging
+import os
+import sys
 import time
-import weakref
-from collections import defaultdict
 
 import faust
-from faust.streams import _current_event
 
 from streams.artifacts import load_artifact
 from streams.config import WorkerSettings, kafka_python_security_from_env
+from streams.contracts.dead_letter import dead_letter
 from streams.contracts.events import BadEvent, parse_event
+from streams.worker.batches import BatchApp, BatchMessage, ack_batch, send_records
 from streams.worker.control import Live, watch_items, watch_versions
 from streams.worker.metrics import Metrics
-from streams.worker.recommender import Incoming, Recommender
+from streams.worker.recommender import BatchResult, Incoming, Recommender
 from streams.worker.stall_watch import StallWatch
-from streams.worker.table_cache import TableCache
+from streams.worker.state_store import BatchedTable, FencedTable
 
 log = logging.getLogger("lsti.worker")
-
-
-@contextlib.contextmanager
-def in_partition(event):
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-def dead_letter(value: bytes | None, key: bytes | None, reason: str, topic: str, partition: int,
-                offset: int) -> bytes:
-    return json.dumps({
-        "reason": reason,
-        "original_b64": base64.b64encode(value or b"").decode(),
-        "original_key_b64": base64.b64encode(key).decode() if key is not None else None,
-        "topic": topic, "partition": partition, "offset": offset, "ts": time.time(),
-    }).encode()
+EXIT_BATCH_FAILED = 70
 
 
 def aiokafka_security() -> dict:
@@ -64,7 +45,47 @@ def aiokafka_security() -> dict:
     return sec
 
 
+def parse_records(records: list) -> tuple[list[Incoming], list[tuple[object, str]]]:
+    """Every record either parses or gets its reason; nothing a record holds can raise past here."""
+    good, bad = [], []
+    for r in records:
+        try:
+            good.append(Incoming(parse_event(r.value, r.key), r.partition, r.offset, r.value, r.key))
+        except BadEvent as exc:
+            bad.append((r, str(exc)))
+        except Exception as exc:  # the parser is total (tests/test_contracts.py); this is the last fence
+            bad.append((r, f"unparseable event ({type(exc).__name__})"))
+    return good, bad
+
+
+def apply_isolated(recommender: Recommender, incs: list[Incoming], states: dict, longs: dict) -> BatchResult:
+    """The whole batch in one model pass; if that raises, event by event, so one event cannot sink another."""
+    try:
+        return recommender.process(incs, states, longs)
+    except Exception:
+        log.exception("model pass failed on a batch of %d events; applying them one at a time", len(incs))
+    res = BatchResult()
+    states = dict(states)
+    for inc in incs:
+        try:
+            one = recommender.process([inc], states, longs)
+        except Exception as exc:
+            res.dead.append((inc, f"event could not be applied ({type(exc).__name__}: {exc})"[:300]))
+            continue
+        states.update(one.states)
+        res.states.update(one.states)
+        res.outputs += one.outputs
+        res.dead += one.dead
+        res.applied += one.applied
+        res.duplicates += one.duplicates
+        res.resets += one.resets
+    return res
+
+
 def create_app(s: WorkerSettings) -> faust.App:
+    if s.processing_guarantee != "at_least_once":
+        raise SystemExit(f"error: processing guarantee {s.processing_guarantee!r} is not supported; the worker "
+                         "runs at_least_once with state applied exactly once (README, Delivery)")
     artifact = load_artifact(s.artifact, index_threads=1)
     live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness, state_dtype=s.state_dtype), s.k,
                 s.max_lateness)
@@ -72,7 +93,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
              artifact.model.cfg.dim, artifact.index.backend)
 
-    app = faust.App(
+    app = BatchApp(
         s.app_id,
         broker=f"kafka://{s.bootstrap}",
         store="rocksdb://",
@@ -82,120 +103,127 @@ def create_app(s: WorkerSettings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=s.heartbeat,
+        broker_max_poll_records=s.batch_max,
         producer_linger_ms=s.producer_linger_ms,
+        producer_max_batch_size=512 * 1024,
+        # Each queued message is a whole fetched batch: a short queue bounds memory and hands
+        # backpressure to Faust's buffer-full pause of the partition.
+        stream_buffer_maxsize=8,
         web_port=s.web_port,
         web_bind=s.web_bind,
         web_host=s.web_bind,
         table_standby_replicas=0,
-        processing_guarantee=s.processing_guarantee,
-        # A rebalance need not wait for the agent to drain its micro-batch (failover got faster: 20-24 s vs
-        # 28-38 s for the test). Events handed out before it may be seen again; the offset dedupe skips them.
-        # Under heavy CPU load a surviving worker was seen to stop consuming after a failover, with and
-        # without this setting: the stall watch below (streams/worker/stall_watch.py) detects and repairs that.
+        # A rebalance need not wait for the agent to drain its batch: batches of an older generation
+        # are dropped un-acked, and the per-user offsets skip events read twice.
         stream_wait_empty=False,
         **s.security,
     )
+    app.batch_topics = frozenset({s.topics.events, s.topics.long_term})
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     events = app.topic(s.topics.events, partitions=s.partitions, **raw)
-    recommendations = app.topic(s.topics.recommendations, partitions=s.partitions, **raw)
-    dlq = app.topic(s.topics.dlq, partitions=1, **raw)
     long_term_topic = app.topic(s.topics.long_term, partitions=s.partitions, **raw)
-    short_term = app.Table("short-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    long_term = app.Table("long-term", partitions=s.partitions, key_type=bytes, value_type=bytes)
-    cache_keys = 200_000 if s.cache_tables else 0
-    short_cache, long_cache = TableCache(short_term, cache_keys), TableCache(long_term, cache_keys)
+    table_args = dict(partitions=s.partitions, key_type=bytes, value_type=bytes, beacon=app.tables.beacon)
+    short_table = app.tables.add(FencedTable(app, name="short-term", merge_by_offset=True, **table_args))
+    long_table = app.tables.add(FencedTable(app, name="long-term", **table_args))
+    security = aiokafka_security()
+    short = BatchedTable(app, short_table, security, s.bootstrap)
+    long = BatchedTable(app, long_table, security, s.bootstrap)
+    stall = StallWatch(s.topics.events, stall_after=s.stall_after)
+    recs_topic, dlq_topic = s.topics.recommendations, s.topics.dlq
 
-    async def forget_cached_states(sender, partitions, **kwargs):
-        """Any rebalance: partitions may move, so no cached read survives it."""
-        short_cache.clear()
-        long_cache.clear()
+    async def forget_changelog_ends(sender, partitions, **kwargs):
+        """Any rebalance: a partition may have had another writer meanwhile; re-read its end after recovery."""
+        short.forget_partitions()
+        long.forget_partitions()
 
-    app.on_partitions_revoked.connect(forget_cached_states)
-    app.on_partitions_assigned.connect(forget_cached_states)
+    app.on_partitions_revoked.connect(forget_changelog_ends)
 
     @app.agent(long_term_topic)
     async def store_long_term(stream):
         """Nightly long-term vectors arrive keyed by user, co-partitioned with `events`."""
-        async for event in stream.events():
-            if event.key is not None and event.value is not None:
-                long_cache[event.key] = event.value
-                metrics.long_term_loaded += 1
+        async for event in stream.noack().events():
+            msg: BatchMessage = event.message
+            vectors = {r.key: r.value for r in msg.records if r.key is not None and r.value is not None}
+            await long.put_many(msg.partition, vectors)
+            metrics.long_term_loaded += len(vectors)
+            await ack_batch(event)
+
+    async def apply_batch(msg: BatchMessage) -> bool:
+        """One fetched partition batch, end to end. False: fetched before a rebalance, not applied."""
+        started = time.perf_counter()
+        part, records = msg.partition, msg.records
+        recommender = live.recommender  # one model version per batch; swaps happen in between
+        incs, bad = parse_records(records)
+        users = list(dict.fromkeys(inc.event.user_id for inc in incs))
+        keys = [u.encode() for u in users]
+        states = dict(zip(users, short.get_many(part, keys), strict=True)) if keys else {}
+        longs = dict(zip(users, long.get_many(part, keys), strict=True)) if keys else {}
+        res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
+        if msg.generation_id != app.consumer_generation_id:
+            return False  # a rebalance happened meanwhile: the partition's new owner applies these events
+        dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
+        dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
+        sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])
+        sent += await send_records(app, dlq_topic, 0, [(None, dead_letter(v, k, why, msg.topic, part, off))
+                                                       for v, k, why, off in dead])
+        for fut, _n in sent:
+            await fut  # answers delivered before the state that says they were
+        await short.put_many(part, {u.encode(): v for u, v in res.states.items()})
+        metrics.consumed += len(records)
+        metrics.applied += res.applied
+        metrics.duplicates += res.duplicates
+        metrics.dead_lettered += len(dead)
+        metrics.resets += res.resets
+        metrics.observe_batch([r.timestamp for r in records if r.timestamp is not None],
+                              time.perf_counter() - started)
+        stall.saw({part: records[-1].offset})
+        return True
 
     @app.agent(events)
     async def recommend(stream):
-        async for batch in stream.take_events(s.batch_max, within=s.batch_within):
-            started = time.perf_counter()
+        async for event in stream.noack().events():
             stall.batch_started = time.monotonic()
-            recommender = live.recommender  # one model version per micro-batch; swaps happen in between
-            metrics.consumed += len(batch)
-            by_partition: dict[int, list] = defaultdict(list)
-            seen: dict[int, int] = {}
-            for ev in batch:
-                msg = ev.message
-                seen[msg.partition] = msg.offset
-                try:
-                    parsed = parse_event(ev.value, ev.key)
-                except BadEvent as exc:
-                    await dlq.send(value=dead_letter(ev.value, ev.key, str(exc), msg.topic, msg.partition,
-                                                     msg.offset))
-                    metrics.dead_lettered += 1
-                    continue
-                by_partition[msg.partition].append(
-                    (ev, Incoming(parsed, msg.partition, msg.offset, ev.value, ev.key)))
-            for group in by_partition.values():
-                with in_partition(group[-1][0]):
-                    incs = [inc for _, inc in group]
-                    users = {inc.event.user_id for inc in incs}
-                    states = {u: short_cache.get(u.encode()) for u in users}
-                    longs = {u: long_cache.get(u.encode()) for u in users}
-                    res = recommender.process(incs, states, longs)
-                    # Outputs first, then state: a crash in between re-applies nothing (the state still has
-                    # the old offset, so the events run again from the same state) and at worst repeats
-                    # a recommendation; the state itself is applied exactly once per event.
-                    # The transport-level send: no per-record FutureMessage/serializer layer of Topic.send;
-                    # Faust still flushes this producer before it commits consumer offsets.
-                    part = group[0][1].partition
-                    for u, out in res.outputs:
-                        await app.producer.send(recommendations.get_topic_name(), u.encode(), out, part, None, None)
-                    for inc, reason in res.dead:
-                        await dlq.send(value=dead_letter(inc.raw, inc.key, reason, s.topics.events, inc.partition,
-                                                         inc.offset))
-                    for u, value in res.states.items():
-                        short_cache[u.encode()] = value
-                metrics.applied += res.applied
-                metrics.duplicates += res.duplicates
-                metrics.dead_lettered += len(res.dead)
-                metrics.resets += res.resets
-            metrics.observe_batch(batch, time.perf_counter() - started)
-            stall.saw(seen)
+            try:
+                if await apply_batch(event.message):
+                    await ack_batch(event)
+            except Exception:
+                # Not acked, so never committed; stop rather than go on past it (a restart reads it again).
+                log.critical("batch %s[%d] offsets %d..%d failed; stopping the worker (exit %d) so that it is "
+                             "read again", event.message.topic, event.message.partition, event.message.first,
+                             event.message.offset, EXIT_BATCH_FAILED, exc_info=True)
+                sys.stdout.flush()
+                os._exit(EXIT_BATCH_FAILED)
             stall.batch_started = None
             if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:
                 stall.inject_stop_fetch(app)
 
-    stall = StallWatch(s.topics.events, stall_after=s.stall_after)
-
     @app.timer(interval=5.0)
     async def report():
+        """Progress line, stall watch, changelog fence check. A failure here (a broker away) waits for the next tick:
+        a timer that raises would crash the worker."""
         metrics.log_progress(log)
-        if s.stall_after > 0 and await stall.check(app, unstick=s.unstick_stalls):
-            metrics.stalls += 1
+        try:
+            if s.stall_after > 0 and await stall.check(app, unstick=s.unstick_stalls):
+                metrics.stalls += 1
+            if not app.rebalancing and app.tables.recovery.completed.is_set():
+                await short.check_foreign()
+        except Exception as exc:
+            log.warning("periodic check failed (%s: %s); retrying in 5 s", type(exc).__name__, exc)
 
     @app.task
     async def follow_model_versions():
-        await watch_versions(live, s.bootstrap, s.topics.model_versions, aiokafka_security())
+        await watch_versions(live, s.bootstrap, s.topics.model_versions, security)
 
     @app.task
     async def follow_new_items():
-        await watch_items(live, s.bootstrap, s.topics.items, aiokafka_security())
+        await watch_items(live, s.bootstrap, s.topics.items, security)
 
     @app.page("/health")
     async def health(web, request):
         return web.json({"status": "ok", "model_version": live.recommender.version, "swaps": live.swaps,
                          "refused_versions": live.refused, "items_added": live.items_added,
                          "items": len(live.recommender.item_ids) - 1, **metrics.counts(),
-                         "table_cache": {"short_hits": short_cache.hits, "short_misses": short_cache.misses,
-                                         "long_hits": long_cache.hits, "long_misses": long_cache.misses,
-                                         "long_cached": len(long_cache)}})
+                         "changelog": {"foreign_records": short.foreign_records, "reasserted": short.reasserted}})
 
     def lag() -> dict[int, int]:
         """Events not yet read per assigned partition of `events` (log end - read offset, Faust's monitor)."""

@@ -1,6 +1,7 @@
 """Worker counters and an event-to-output latency histogram, as JSON and Prometheus text.
 
-Invariant the tests check: consumed = applied + duplicates + dead_lettered.
+Invariant the tests check: consumed = applied + duplicates + dead_lettered. Counters are per process
+(`counted_since` on /health): a restarted worker counts from zero; the durable totals are the topics.
 """
 
 from __future__ import annotations
@@ -29,21 +30,20 @@ class Metrics:
         self.started = time.time()
         self._last_report = (time.time(), 0)
 
-    def observe_batch(self, batch, seconds: float) -> None:
-        """Count a batch; latency = now - broker append time of each message."""
+    def observe_batch(self, timestamps_ms: list, seconds: float) -> None:
+        """Count a batch; latency = now - broker append time of each message (`timestamps_ms`)."""
         self.batches += 1
         self.busy_seconds += seconds
-        now_ms = time.time() * 1000.0
-        lat = np.array([now_ms - ev.message.timestamp * 1000.0 for ev in batch
-                        if ev.message.timestamp is not None])
-        if len(lat):
+        if timestamps_ms:
+            lat = time.time() * 1000.0 - np.asarray(timestamps_ms, np.float64)
             self.hist += np.bincount(np.searchsorted(BUCKETS_MS, lat), minlength=len(BUCKETS_MS))[: len(BUCKETS_MS)]
             self.lag_ms_sum += float(lat.sum())
 
     def counts(self) -> dict:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
                 "dead_lettered": self.dead_lettered, "state_resets": self.resets, "batches": self.batches,
-                "long_term_loaded": self.long_term_loaded, "stalls": self.stalls}
+                "long_term_loaded": self.long_term_loaded, "stalls": self.stalls,
+                "counted_since": self.started}
 
     def log_progress(self, log: logging.Logger) -> None:
         t, n = self._last_report

@@ -107,6 +107,15 @@ class WorkerProcess:
             self.proc.wait()
         return self.proc.returncode
 
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes as in a long GC pause or a VM stall (fault-injection tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL, no clean shutdown: for fault-injection tests."""
         if self.proc is not None and self.proc.poll() is None:

@@ -98,17 +98,13 @@ class Recommender:
         rounds = [0] * len(users)
         changed = [False] * len(users)
         ev_r, ev_code, ev_type, ev_gap, ev_first, ev_round, ev_count, ev_recent, ev_inc = ([] for _ in range(9))
-        red_r, red_inc = [], []
         for inc, code, r in valid:
             e = inc.event
             if inc.partition == last_part[r] and inc.offset <= last_off[r]:
-                # Effectively-once: a redelivery after a crash; the state holds it already. Answer it again
-                # (its output may have died with the producer) and rewrite the state (the local RocksDB
-                # may be ahead of the changelog; a later owner of the partition must see it too).
+                # Effectively-once: a redelivery (a re-read after a crash or a rebalance); the state holds it
+                # already, and holds it only after its answer was delivered (the agent sends answers before
+                # it writes states), so it is neither applied nor answered again.
                 res.duplicates += 1
-                red_r.append(r)
-                red_inc.append(inc)
-                changed[r] = True
                 continue
             eid = event_id_hash(e.event_id)
             if eid in recent_ids[r]:
@@ -154,13 +150,9 @@ class Recommender:
             res.applied = n
 
         # (3) fusion, search, outputs
-        red = np.array(red_r, dtype=np.int64)
-        if n or len(red):
-            self._recommend(
-                res, ev_inc + red_inc, np.concatenate([h_ev, st.h[red]]), long[np.concatenate([rows, red])],
-                np.concatenate([np.array(ev_gap, np.float64), np.zeros(len(red))]),
-                np.concatenate([np.array(ev_count, np.int64), st.count[red]]),
-                np.concatenate([np.array(ev_recent, np.int64).reshape(n, RECENT), st.recent[red]]))
+        if n:
+            self._recommend(res, ev_inc, h_ev, long[rows], np.array(ev_gap, np.float64), np.array(ev_count, np.int64),
+                            np.array(ev_recent, np.int64).reshape(n, RECENT))
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res
