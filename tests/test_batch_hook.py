@@ -1,0 +1,133 @@
+"""Contract of the batch path (streams/worker/batches.py) with the Faust internals it touches.
+
+Fails loudly on a faust-streaming upgrade that changes any of them: the pinned version, the attributes,
+and the behaviour of Faust's own offset bookkeeping under `ack_batch` (exact range commits, no commit
+past a batch that was not acked, no gap fill at fetch time). No broker: the consumer is not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import namedtuple
+from importlib.metadata import version
+
+import faust
+import pytest
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
+
+from streams.worker.batches import PINNED_FAUST, BatchApp, BatchConsumer, BatchMessage, ack_batch, batch_message
+
+Record = namedtuple("Record", "topic partition offset timestamp timestamp_type headers key value checksum "
+                              "serialized_key_size serialized_value_size")
+
+
+def rec(topic: str, partition: int, offset: int) -> Record:
+    return Record(topic, partition, offset, 1_700_000_000_000, 0, [], b"u", b"{}", None, 1, 2)
+
+
+def test_faust_streaming_is_the_pinned_version():
+    assert version("faust-streaming") == PINNED_FAUST, (
+        "faust-streaming changed: re-check every internal listed in streams/worker/batches.py, then re-pin")
+
+
+def test_the_internals_the_hook_touches_are_there():
+    base = faust_consumer.Consumer
+    for name in ("getmany", "_wait_next_records", "_add_gap", "ack", "_new_offset", "perform_seek", "seek",
+                 "on_partitions_revoked", "highwater"):
+        assert hasattr(base, name), name
+    assert list(inspect.signature(base._add_gap).parameters) == ["self", "tp", "offset_from", "offset_to"]
+    assert list(inspect.signature(base._wait_next_records).parameters) == ["self", "timeout"]
+    assert inspect.isasyncgenfunction(base.getmany)
+    assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer
+    assert issubclass(BatchConsumer, faust_aiokafka.Consumer)
+    assert hasattr(faust.App, "_new_transport")
+    assert "generation_id" in ConsumerMessage.__slots__ or "generation_id" in faust.types.tuples.Message.__slots__
+    src = inspect.getsource(base._drain_messages)
+    assert "gap > 1 and r_offset" in src and "set_read_offset(tp, offset)" in src, "Faust's fetch-time gap fill changed"
+
+
+@pytest.fixture
+def app():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    a = BatchApp("hook-contract", broker="kafka://127.0.0.1:1", store="memory://")
+    a.batch_topics = frozenset({"events"})
+    a.topics.add(a.topic("events"))  # an agent's source topic: acks on
+    loop.run_until_complete(a.topics._update_indices())  # what Faust's subscriber does at start
+    assert a.topics.acks_enabled_for("events")
+    yield a
+    loop.close()
+
+
+class Ev:
+    def __init__(self, app, msg):
+        self.app, self.message = app, msg
+
+    def ack(self):
+        return self.message.ack(self.app.consumer)
+
+
+def _batch(app, tp, lo, hi):
+    msg = batch_message(tp, [rec(tp.topic, tp.partition, o) for o in range(lo, hi + 1)], lo,
+                        app.consumer_generation_id)
+    msg.refcount = 1
+    return msg
+
+
+def test_consumer_is_the_batch_consumer_and_acks_commit_exactly_the_processed_range(app):
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    tp = TP("events", 0)
+    consumer._committed_offset[tp] = 100
+    loop = asyncio.get_event_loop()
+    loop.run_until_complete(ack_batch(Ev(app, _batch(app, tp, 100, 149))))
+    assert consumer._new_offset(tp) == 150
+
+
+def test_no_commit_passes_a_batch_that_was_not_acked(app):
+    consumer = app.consumer
+    tp = TP("events", 1)
+    consumer._committed_offset[tp] = 100
+    _batch(app, tp, 100, 149)  # fetched, failed: never acked
+    loop = asyncio.get_event_loop()
+    loop.run_until_complete(ack_batch(Ev(app, _batch(app, tp, 150, 199))))
+    assert consumer._new_offset(tp) is None
+
+
+def test_a_batch_from_an_older_generation_is_never_counted(app):
+    consumer = app.consumer
+    tp = TP("events", 2)
+    consumer._committed_offset[tp] = 10
+    old = _batch(app, tp, 10, 19)
+    old.generation_id = app.consumer_generation_id - 1
+    assert old.ack(consumer) is False
+    assert consumer._new_offset(tp) is None
+
+
+def test_getmany_yields_one_message_per_partition_batch_and_passes_other_topics_through(app):
+    consumer = app.consumer
+    ev0, ev1, other = TP("events", 0), TP("events", 1), TP("long-term", 0)
+    records = {ev0: [rec("events", 0, o) for o in range(5, 9)], ev1: [rec("events", 1, 3)],
+               other: [rec("long-term", 0, o) for o in range(2)]}
+
+    async def fake_wait(timeout):
+        return records, None
+
+    consumer._wait_next_records = fake_wait
+    consumer.highwater = lambda tp: 100  # the only call into the (unstarted) aiokafka client
+    consumer.flow_active = True
+
+    async def collect():
+        return [m async for _tp, m in consumer.getmany(1.0)]
+
+    got = asyncio.get_event_loop().run_until_complete(collect())
+    batches = [m for m in got if isinstance(m, BatchMessage)]
+    singles = [m for m in got if not isinstance(m, BatchMessage)]
+    assert [(m.partition, m.first, m.offset, len(m.records)) for m in batches] == [(0, 5, 8, 4), (1, 3, 3, 1)]
+    assert [(m.topic, m.offset) for m in singles] == [("long-term", 0), ("long-term", 1)]
+    # Faust's reader must see no gap before the batch's last offset (it would mark the batch done unprocessed).
+    assert consumer._read_offset[ev0] == 7
