@@ -2,8 +2,15 @@
 and input topic as the LSTI worker:
 
 - `aiokafka`: the ceiling of the stack: a plain aiokafka loop that consumes in batches, decodes each
-  record and produces one record per event (batched by the producer, no Faust);
-- `faust`: the floor of Faust: a trivial agent that awaits one send per event.
+  record and produces one record per event (batched by the producer, no Faust); the denominator of
+  every ratio `lsti bench stream` reports, so it stays as it is;
+- `aiokafka-batched`: the same loop producing each partition's outputs as whole record batches
+  (`create_batch` / `send_batch`, as the worker's `send_records` does): a second, harder ceiling;
+- `faust`: the floor of Faust: a trivial agent that awaits one send per event;
+- `faust-batch-table`: Faust on the worker's batch path (`BatchApp`, one event per fetched partition
+  batch) with the worker's fenced RocksDB table: per batch, decode every record, one table read and one
+  table write per user, outputs as record batches (delivery awaited), then the range ack. Everything
+  the worker does around its model, without the model.
 """
 
 from __future__ import annotations
@@ -38,6 +45,39 @@ async def aiokafka_loop(bootstrap: str, src: str, dst: str, group: str, n: int) 
         await consumer.stop()
 
 
+async def aiokafka_batched_loop(bootstrap: str, src: str, dst: str, group: str, n: int) -> None:
+    """`aiokafka_loop`, but each fetched partition's outputs go out as record batches to the same partition."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+                                enable_auto_commit=True, max_poll_records=2000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024, acks=1)
+    await consumer.start()
+    await producer.start()
+    done, pending = 0, []
+    try:
+        while done < n:
+            batches = await consumer.getmany(timeout_ms=100, max_records=2000)
+            for tp, records in batches.items():
+                batch = producer.create_batch()
+                for msg in records:
+                    ev = json.loads(msg.value)
+                    out = json.dumps({"user_id": ev["user_id"], "event_id": ev["event_id"], "ts": ev["ts"]}).encode()
+                    if batch.append(key=msg.key, value=out, timestamp=None) is None:
+                        pending.append(await producer.send_batch(batch, dst, partition=tp.partition))
+                        batch = producer.create_batch()
+                        batch.append(key=msg.key, value=out, timestamp=None)
+                if batch.record_count():
+                    pending.append(await producer.send_batch(batch, dst, partition=tp.partition))
+                done += len(records)
+            pending = [f for f in pending if not f.done()]  # like the plain loop: delivery not awaited per batch
+        for fut in pending:
+            await fut
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
 def faust_trivial(bootstrap: str, src: str, dst: str, group: str, datadir: str, web_port: int) -> None:
     import faust
 
@@ -57,9 +97,62 @@ def faust_trivial(bootstrap: str, src: str, dst: str, group: str, datadir: str, 
     faust.Worker(app, loglevel="info", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
+def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: str, web_port: int,
+                      state_bytes: int = 664, batch_max: int = 500) -> None:
+    """The worker's app settings, batch path and table (`streams/worker/app.py`), with no model."""
+    import faust
+
+    from streams.worker.batches import BatchApp, ack_batch, send_records
+    from streams.worker.state_store import OFFSET_AT, OFFSET_POS, BatchedTable, FencedTable
+
+    app = BatchApp(group, broker=f"kafka://{bootstrap}", store="rocksdb://", datadir=datadir,
+                   topic_partitions=4, topic_replication_factor=1, consumer_auto_offset_reset="earliest",
+                   broker_session_timeout=10.0, broker_heartbeat_interval=1.0, broker_max_poll_records=batch_max,
+                   producer_linger_ms=5, producer_max_batch_size=512 * 1024, stream_buffer_maxsize=8,
+                   web_port=web_port, web_bind="127.0.0.1", web_host="127.0.0.1", table_standby_replicas=0,
+                   stream_wait_empty=False)
+    app.batch_topics = frozenset({src})
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    src_t = app.topic(src, partitions=4, **raw)
+    table = app.tables.add(FencedTable(app, name="state", merge_by_offset=True, partitions=4, key_type=bytes,
+                                       value_type=bytes, beacon=app.tables.beacon))
+    states = BatchedTable(app, table, {}, bootstrap)
+
+    async def forget_changelog_ends(sender, partitions, **kwargs):
+        states.forget_partitions()
+
+    app.on_partitions_revoked.connect(forget_changelog_ends)
+    blank = bytes(max(state_bytes, OFFSET_POS + 8))  # a state the size of the worker's (dim 64, float32)
+
+    @app.agent(src_t)
+    async def relay(stream):
+        async for event in stream.noack().events():
+            msg = event.message
+            part, outs, last = msg.partition, [], {}
+            for r in msg.records:
+                ev = json.loads(r.value)
+                outs.append((r.key, json.dumps({"user_id": ev["user_id"], "event_id": ev["event_id"],
+                                                "ts": ev["ts"]}).encode()))
+                last[ev["user_id"].encode()] = r.offset
+            keys = list(last)
+            new = {}
+            for key, old in zip(keys, states.get_many(part, keys), strict=True):
+                value = bytearray(old if old is not None and len(old) == len(blank) else blank)
+                OFFSET_AT.pack_into(value, OFFSET_POS, last[key])  # the newest event applied, as the worker's
+                new[key] = bytes(value)
+            if msg.generation_id != app.consumer_generation_id:
+                continue
+            for fut, _n in await send_records(app, dst, part, outs):
+                await fut
+            await states.put_many(part, new)
+            await ack_batch(event)
+
+    faust.Worker(app, loglevel="info", quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("kind", choices=["aiokafka", "faust"])
+    p.add_argument("kind", choices=["aiokafka", "aiokafka-batched", "faust", "faust-batch-table"])
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--src", required=True)
     p.add_argument("--dst", required=True)
@@ -67,10 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=10**12)
     p.add_argument("--datadir", default="/tmp/lsti-bench-faust")
     p.add_argument("--web-port", type=int, default=0)
+    p.add_argument("--state-bytes", type=int, default=664, help="faust-batch-table: bytes per user state")
+    p.add_argument("--batch-max", type=int, default=500, help="faust-batch-table: records per fetch")
     a = p.parse_args(argv)
     if a.kind == "aiokafka":
         asyncio.run(aiokafka_loop(a.bootstrap, a.src, a.dst, a.group, a.n))
         print("Ready", flush=True)
+    elif a.kind == "aiokafka-batched":
+        asyncio.run(aiokafka_batched_loop(a.bootstrap, a.src, a.dst, a.group, a.n))
+        print("Ready", flush=True)
+    elif a.kind == "faust-batch-table":
+        faust_batch_table(a.bootstrap, a.src, a.dst, a.group, a.datadir, a.web_port, a.state_bytes, a.batch_max)
     else:
         faust_trivial(a.bootstrap, a.src, a.dst, a.group, a.datadir, a.web_port)
     return 0
