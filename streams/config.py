@@ -50,9 +50,6 @@ class WorkerSettings:
     max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
     security: dict = field(default_factory=dict)  # SASL/TLS settings passed through to Faust
     state_dtype: str = "float32"  # h, c precision in the table: float32 or float16 (408 vs 664 B/user at dim 64)
-    # answer table reads of keys this worker wrote/read since the last rebalance from memory: measured no faster
-    # (BENCHMARKS.md section 3), so off by default
-    cache_tables: bool = False
     stall_after: float = 20.0  # seconds with events waiting and none consumed before the stall watch acts (0: off)
     unstick_stalls: bool = True  # after logging a stall, put the stuck partitions back into the fetch set
     fault_stop_fetch_after: int = 0  # fault injection for tests: after this many events, stop fetching (0: off)
@@ -72,7 +69,6 @@ class WorkerSettings:
             processing_guarantee=env.get("LSTI_PROCESSING_GUARANTEE", "at_least_once"),
             security=faust_security_from_env(),
             state_dtype=env.get("LSTI_STATE_DTYPE", "float32"),
-            cache_tables=env.get("LSTI_CACHE_TABLES", "0") not in ("0", "false", "no", ""),
             stall_after=float(env.get("LSTI_STALL_AFTER", 20.0)),
             unstick_stalls=env.get("LSTI_UNSTICK_STALLS", "1") not in ("0", "false", "no"),
             fault_stop_fetch_after=int(env.get("LSTI_FAULT_STOP_FETCH_AFTER", 0)),

@@ -147,22 +147,6 @@ def test_state_codec_float16_variant_is_smaller_and_either_precision_reads_both(
     assert StateCodec(8, "v2").decode([raw]).reset == 1 and full.decode([raw[:-1]]).reset == 1
 
 
-def test_table_cache_writes_through_and_forgets_on_clear():
-    from streams.worker.table_cache import TableCache
-
-    table: dict = {b"a": b"1"}
-    cache = TableCache(table, max_keys=2)
-    assert cache.get(b"a") == b"1" and cache.get(b"zz") is None and cache.misses == 2
-    cache[b"b"] = b"2"
-    assert table[b"b"] == b"2"  # every write reaches the table (RocksDB + changelog in the worker)
-    table[b"a"] = b"changed elsewhere"  # e.g. another worker while the partition was away
-    assert cache.get(b"b") == b"2" and cache.hits == 1
-    cache.clear()  # what a rebalance does
-    assert cache.get(b"a") == b"changed elsewhere"
-    off = TableCache(table, max_keys=0)
-    assert off.get(b"a") == b"changed elsewhere" and len(off) == 0
-
-
 def test_artifacts_from_before_the_per_user_gate_still_load():
     from encoders.model import LSTIConfig, LSTIModel
     from streams.artifacts import stored_config

@@ -150,13 +150,45 @@ def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: s
     faust.Worker(app, loglevel="info", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
+async def paced_publisher(bootstrap: str, dst: str, rate: float, seconds: float, start: int, n_users: int,
+                          n_items: int) -> None:
+    """The latency run's publisher, in its own process (aiokafka, no batching delay): each event is stamped
+    with the time it is handed to the client, so latency = answer's broker time - that stamp."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.bench.stream import _messages, zipf_stream
+
+    m = int(rate * seconds)
+    users, items, types = zipf_stream(m, n_users, n_items, seed=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        for j, (u, i, ty) in enumerate(zip(users, items, types, strict=True)):
+            key, value = next(_messages([u], [i], [ty], start + j))
+            await producer.send(dst, key=key, value=value)
+            ahead = (j + 1) / rate - (loop.time() - t0)
+            if ahead > 0.001:
+                await asyncio.sleep(ahead)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    print(json.dumps({"published": m, "seconds": loop.time() - t0}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("kind", choices=["aiokafka", "aiokafka-batched", "faust", "faust-batch-table"])
+    p.add_argument("kind", choices=["aiokafka", "aiokafka-batched", "faust", "faust-batch-table", "publish"])
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--bootstrap", required=True)
-    p.add_argument("--src", required=True)
+    p.add_argument("--src", default="")
     p.add_argument("--dst", required=True)
-    p.add_argument("--group", required=True)
+    p.add_argument("--group", default="")
     p.add_argument("-n", type=int, default=10**12)
     p.add_argument("--datadir", default="/tmp/lsti-bench-faust")
     p.add_argument("--web-port", type=int, default=0)
@@ -169,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.kind == "aiokafka-batched":
         asyncio.run(aiokafka_batched_loop(a.bootstrap, a.src, a.dst, a.group, a.n))
         print("Ready", flush=True)
+    elif a.kind == "publish":
+        asyncio.run(paced_publisher(a.bootstrap, a.dst, a.rate, a.seconds, a.start, a.users, a.items))
     elif a.kind == "faust-batch-table":
         faust_batch_table(a.bootstrap, a.src, a.dst, a.group, a.datadir, a.web_port, a.state_bytes, a.batch_max)
     else:

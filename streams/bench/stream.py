@@ -275,22 +275,16 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
 def _latency(bootstrap: str, topic: str, reader, rate: float, seconds: float, start: int, n_users: int,
              n_items: int) -> dict:
     """Publish at `rate` events/s for `seconds`, each event stamped with its send time."""
-    from streams.kafka.tools import producer
 
     m = int(rate * seconds)
-    users, items, types = zipf_stream(m, n_users, n_items, seed=1)
     before = len(reader.records)
-    prod = producer(bootstrap, linger_ms=1)
-    t0 = time.perf_counter()
-    for j, (u, i, t) in enumerate(zip(users, items, types, strict=True)):
-        key, value = next(_messages([u], [i], [t], start + j))
-        prod.send(topic, key=key, value=value)
-        ahead = (j + 1) / rate - (time.perf_counter() - t0)
-        if ahead > 0:
-            time.sleep(ahead)
-    prod.flush()
-    achieved = m / (time.perf_counter() - t0)  # the publishing alone, not the wait for the last answers below
-    prod.close()
+    # The publisher runs in its own process (aiokafka): in this one it would share the GIL with the reader
+    # thread, and its client-side queue would count as the worker's latency.
+    out = subprocess.run([sys.executable, "-m", "streams.bench.refs", "publish", "--bootstrap", bootstrap, "--dst",
+                          topic, "--rate", str(rate), "--seconds", str(seconds), "--start", str(start),
+                          "--users", str(n_users), "--items", str(n_items)], capture_output=True, text=True,
+                         check=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    achieved = m / json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
     deadline = time.time() + 60
     while len(reader.records) < before + m and time.time() < deadline:
         time.sleep(0.2)

@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partitions", type=int, default=4, help="partitions of the events topic (default 4)")
     r.add_argument("-k", type=int, default=10, help="items per recommendation (default 10)")
     r.add_argument("--batch-max", type=int, help="micro-batch size (default 500)")
-    r.add_argument("--batch-within", type=float, help="micro-batch wait in seconds (default 0.01)")
+    r.add_argument("--batch-within", type=float, help="ignored since the batch path (the agent gets each fetched "
+                   "batch at once); kept so that old command lines still run")
     r.add_argument("--web-port", type=int, default=0, help="port of /health and /metrics (default: free port)")
     r.add_argument("--app-id", default="lsti", help="Faust app id = consumer group and table prefix")
     r.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
@@ -460,8 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--users", type=int, default=100_000, help="Zipf-distributed users (default 100,000)")
     bs.add_argument("--items", type=int, default=10_000, help="catalogue size (default 10,000)")
     bs.add_argument("--dim", type=int, default=64)
-    bs.add_argument("--systems", default="model,aiokafka,faust,lsti",
-                    help="comma list of model (our code alone, no Kafka), aiokafka, faust, lsti")
+    bs.add_argument("--systems", default="all",
+                    help="comma list of: model (our code alone, no Kafka), aiokafka (plain loop: the ratios' "
+                    "denominator), aiokafka-batched (same loop, record-batch sends), faust (trivial agent), "
+                    "faust-batch-table (the batch path with a table, no model), lsti (the worker); default all")
     bs.add_argument("--latency-seconds", type=float, default=10.0)
     bs.add_argument("--latency-rate", type=float, help="events/s for the latency run (default: half the sustained)")
     bs.add_argument("--batch-max", type=int, help="worker micro-batch size")

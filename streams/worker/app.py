@@ -159,6 +159,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         states = dict(zip(users, short.get_many(part, keys), strict=True)) if keys else {}
         longs = dict(zip(users, long.get_many(part, keys), strict=True)) if keys else {}
         res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
+        t_model = time.perf_counter()
         if msg.generation_id != app.consumer_generation_id:
             return False  # a rebalance happened meanwhile: the partition's new owner applies these events
         dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
@@ -168,7 +169,9 @@ def create_app(s: WorkerSettings) -> faust.App:
                                                        for v, k, why, off in dead])
         for fut, _n in sent:
             await fut  # answers delivered before the state that says they were
+        t_sent = time.perf_counter()
         await short.put_many(part, {u.encode(): v for u, v in res.states.items()})
+        metrics.wait_seconds += time.perf_counter() - t_sent + (t_sent - t_model)
         metrics.consumed += len(records)
         metrics.applied += res.applied
         metrics.duplicates += res.duplicates

@@ -24,7 +24,8 @@ class Metrics:
         self.long_term_loaded = 0
         self.batches = 0
         self.stalls = 0  # times the stall watch found events waiting and none consumed
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0  # in the agent, per batch: parse, model, sends and their delivery, state write
+        self.wait_seconds = 0.0  # of which waiting for Kafka to confirm answers and state records
         self.hist = np.zeros(len(BUCKETS_MS), np.int64)
         self.lag_ms_sum = 0.0
         self.started = time.time()
@@ -43,7 +44,8 @@ class Metrics:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
                 "dead_lettered": self.dead_lettered, "state_resets": self.resets, "batches": self.batches,
                 "long_term_loaded": self.long_term_loaded, "stalls": self.stalls,
-                "counted_since": self.started}
+                "busy_seconds": round(self.busy_seconds, 3),
+                "wait_seconds": round(self.wait_seconds, 3), "counted_since": self.started}
 
     def log_progress(self, log: logging.Logger) -> None:
         t, n = self._last_report
