@@ -144,7 +144,7 @@ def health(port: int) -> dict:
         return json.loads(r.read())
 
 
-def wait_progress(measure, target: int, what: str, idle: float = 90.0) -> None:
+def wait_progress(measure, target: int, what: str, idle: float = 90.0, poll: float = 0.2) -> None:
     """Wait until measure() >= target; fail only when it has not moved for `idle` seconds (a slow or loaded
     machine is slow, not wrong)."""
     last, since = None, time.time()
@@ -156,7 +156,7 @@ def wait_progress(measure, target: int, what: str, idle: float = 90.0) -> None:
             last, since = value, time.time()
         elif time.time() - since > idle:
             raise AssertionError(f"no progress for {idle:.0f} s waiting for {what}: at {value} of {target}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def wait_until(pred, timeout: float, what: str) -> None:
@@ -192,7 +192,7 @@ def test_sigkill_ten_times_loses_nothing_and_applies_nothing_twice(kafka, start_
         # Kill once the worker is into this chunk, at a random depth (it answers thousands of events a second,
         # so the trigger counts raw records, cheap to poll).
         into = i * chunk + rng.randrange(chunk // 10, chunk // 2)
-        wait_progress(lambda: len(recs.records), into, "the worker to get into the chunk")
+        wait_progress(lambda: len(recs.records), into, "the worker to get into the chunk", poll=0.002)
         worker.kill()
         time.sleep(1.0)  # the worker is dead: let the reader catch up before counting what it answered
         progress_at_kill.append((len(unique_events(recs)), (i + 1) * chunk))

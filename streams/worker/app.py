@@ -11,6 +11,7 @@ worker stops (exit code 70) so that a restart reads the batch again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from streams.worker.control import Live, watch_items, watch_versions
 from streams.worker.metrics import Metrics
 from streams.worker.recommender import BatchResult, Incoming, Recommender
 from streams.worker.stall_watch import StallWatch
-from streams.worker.state_store import BatchedTable, FencedTable
+from streams.worker.state_store import BatchedTable, FencedTable, event_offset
 
 log = logging.getLogger("lsti.worker")
 EXIT_BATCH_FAILED = 70
@@ -148,30 +149,70 @@ def create_app(s: WorkerSettings) -> faust.App:
             metrics.long_term_loaded += len(vectors)
             await ack_batch(event)
 
-    async def apply_batch(msg: BatchMessage) -> bool:
-        """One fetched partition batch, end to end. False: fetched before a rebalance, not applied."""
+    # Per partition, the states computed but not yet in RocksDB (their batch's answers are on the way): the
+    # next batch of the partition reads them from here, so its model step overlaps the previous delivery.
+    pending: dict[int, dict[bytes, bytes]] = {}
+    finishing: dict[int, asyncio.Task] = {}  # per partition, the last batch's finish (chained in order)
+    depth: dict[int, int] = {}  # per partition, how many finishes are chained behind the last completed one
+
+    def stop_worker(msg: BatchMessage) -> None:
+        # Not acked, so never committed; stop rather than go on past it (a restart reads it again).
+        log.critical("batch %s[%d] offsets %d..%d failed; stopping the worker (exit %d) so that it is read again",
+                     msg.topic, msg.partition, msg.first, msg.offset, EXIT_BATCH_FAILED, exc_info=True)
+        sys.stdout.flush()
+        os._exit(EXIT_BATCH_FAILED)
+
+    async def finish(event, prev: asyncio.Task | None, sent: list, states: dict[bytes, bytes]) -> None:
+        """Answers delivered, then the states that say so written, then the offsets acked; in batch order."""
+        msg: BatchMessage = event.message
+        try:
+            if prev is not None:
+                await prev
+            t0 = time.perf_counter()
+            for fut, _n in sent:
+                await fut
+            await short.put_many(msg.partition, states)
+            metrics.wait_seconds += time.perf_counter() - t0
+            mine = pending.get(msg.partition, {})
+            for k, v in states.items():
+                if mine.get(k) is v:  # not overwritten by a later batch meanwhile
+                    del mine[k]
+            await ack_batch(event)
+        except Exception:
+            stop_worker(msg)
+
+    async def apply_batch(event) -> None:
+        """One fetched partition batch: parse, model, send; its finish runs while the next batch is computed."""
+        msg: BatchMessage = event.message
         started = time.perf_counter()
         part, records = msg.partition, msg.records
         recommender = live.recommender  # one model version per batch; swaps happen in between
         incs, bad = parse_records(records)
         users = list(dict.fromkeys(inc.event.user_id for inc in incs))
         keys = [u.encode() for u in users]
-        states = dict(zip(users, short.get_many(part, keys), strict=True)) if keys else {}
+        overlay = pending.setdefault(part, {})
+        stored = short.get_many(part, keys) if keys else []
+        # The newer of the two (a recovery after a rebalance may have brought a newer one than ours in flight).
+        states = {u: max(overlay.get(k), v, key=event_offset) for u, k, v in zip(users, keys, stored, strict=True)}
         longs = dict(zip(users, long.get_many(part, keys), strict=True)) if keys else {}
         res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
-        t_model = time.perf_counter()
         if msg.generation_id != app.consumer_generation_id:
-            return False  # a rebalance happened meanwhile: the partition's new owner applies these events
+            return  # a rebalance happened meanwhile: the partition's new owner applies these events
         dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
         dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
         sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])
         sent += await send_records(app, dlq_topic, 0, [(None, dead_letter(v, k, why, msg.topic, part, off))
                                                        for v, k, why, off in dead])
-        for fut, _n in sent:
-            await fut  # answers delivered before the state that says they were
-        t_sent = time.perf_counter()
-        await short.put_many(part, {u.encode(): v for u, v in res.states.items()})
-        metrics.wait_seconds += time.perf_counter() - t_sent + (t_sent - t_model)
+        new_states = {u.encode(): v for u, v in res.states.items()}
+        overlay.update(new_states)
+        prev = finishing.get(part)
+        if prev is not None and prev.done():
+            prev = None
+        if prev is not None and depth.get(part, 0) >= 2:
+            await asyncio.shield(prev)  # backpressure: at most two batches of a partition in flight
+            prev = None
+        depth[part] = 1 if prev is None else depth.get(part, 0) + 1
+        finishing[part] = asyncio.ensure_future(finish(event, prev, sent, new_states))
         metrics.consumed += len(records)
         metrics.applied += res.applied
         metrics.duplicates += res.duplicates
@@ -180,22 +221,15 @@ def create_app(s: WorkerSettings) -> faust.App:
         metrics.observe_batch([r.timestamp for r in records if r.timestamp is not None],
                               time.perf_counter() - started)
         stall.saw({part: records[-1].offset})
-        return True
 
     @app.agent(events)
     async def recommend(stream):
         async for event in stream.noack().events():
             stall.batch_started = time.monotonic()
             try:
-                if await apply_batch(event.message):
-                    await ack_batch(event)
+                await apply_batch(event)
             except Exception:
-                # Not acked, so never committed; stop rather than go on past it (a restart reads it again).
-                log.critical("batch %s[%d] offsets %d..%d failed; stopping the worker (exit %d) so that it is "
-                             "read again", event.message.topic, event.message.partition, event.message.first,
-                             event.message.offset, EXIT_BATCH_FAILED, exc_info=True)
-                sys.stdout.flush()
-                os._exit(EXIT_BATCH_FAILED)
+                stop_worker(event.message)
             stall.batch_started = None
             if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:
                 stall.inject_stop_fetch(app)
