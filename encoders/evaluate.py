@@ -17,11 +17,11 @@ import torch
 
 from encoders.data import EVENT_CODE, Interactions
 from encoders.itemknn import ItemKNN, ItemKNNConfig
-from encoders.metrics import summarize, target_ranks
+from encoders.metrics import TOP_K, beyond_accuracy, ranks_and_top_k, summarize
 from encoders.model import MODES, LSTIConfig, LSTIModel
 from encoders.sasrec import SASRec, SASRecConfig
 from encoders.split import EvalCase, LeaveOneOut, Sequence
-from encoders.train import TrainConfig, evaluate_lsti, fit, lsti_ranks, pick_device, train_lsti
+from encoders.train import TrainConfig, evaluate_lsti, fit, lsti_scores, pick_device, train_lsti
 
 MODELS = ("pop", "itemknn", "short", "long", "fused", "sasrec")
 
@@ -31,6 +31,9 @@ PROTOCOL = {
     "history": "items in the user's history masked, except the target",
     "ties": "expected rank under random tie-breaking",
     "selection": "validation targets only",
+    "beyond_accuracy": "test users' top-10 lists cut from the same masked scores as the ranks (ties by lower item "
+                       "id): catalogue coverage, intra-list diversity (1 - cosine of BERT item text vectors), "
+                       "mean log(1 + training popularity) of recommended items vs test targets",
 }
 
 
@@ -41,8 +44,30 @@ def popularity_scores(split: LeaveOneOut) -> np.ndarray:
 
 def static_ranks(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases: list[EvalCase],
                  batch: int = 512) -> np.ndarray:
-    ranks = [target_ranks(scores_for(cases[i : i + batch]), cases[i : i + batch]) for i in range(0, len(cases), batch)]
-    return np.concatenate(ranks) if ranks else np.zeros(0)
+    return static_ranks_top_k(scores_for, cases, batch, None)[0]
+
+
+def static_ranks_top_k(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases: list[EvalCase],
+                       batch: int = 512, k: int | None = TOP_K) -> tuple[np.ndarray, np.ndarray | None]:
+    """Target ranks and (k given) the top-k lists, in the order of `cases`, from one scoring pass."""
+    parts = [ranks_and_top_k(scores_for(cases[i : i + batch]), cases[i : i + batch], k)
+             for i in range(0, len(cases), batch)]
+    ranks = np.concatenate([r for r, _ in parts]) if parts else np.zeros(0)
+    if k is None:
+        return ranks, None
+    return ranks, (np.concatenate([t for _, t in parts]) if parts else np.zeros((0, k), np.int64))
+
+
+def lsti_ranks_top_k(model: LSTIModel, cases: list[EvalCase], device: str,
+                     k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """As `train.lsti_ranks`, plus the top-k lists, in the order of `cases`, from the same scores."""
+    ranks = np.zeros(len(cases), dtype=np.int64)
+    lists = np.zeros((len(cases), k), dtype=np.int64)
+    pos = {id(c): i for i, c in enumerate(cases)}
+    for chunk, scores, _ in lsti_scores(model, cases, device):
+        rows = [pos[id(c)] for c in chunk]
+        ranks[rows], lists[rows] = ranks_and_top_k(scores, chunk, k)
+    return ranks, lists
 
 
 def evaluate_static(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases: list[EvalCase],
@@ -52,8 +77,13 @@ def evaluate_static(scores_for: Callable[[list[EvalCase]], torch.Tensor], cases:
 
 def sasrec_ranks(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256) -> np.ndarray:
     """Same masking and ranking as every other model: SASRec scores from each user's last max_len items."""
+    return sasrec_ranks_top_k(model, cases, device, batch, None)[0]
+
+
+def sasrec_ranks_top_k(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256,
+                       k: int | None = TOP_K) -> tuple[np.ndarray, np.ndarray | None]:
     model.eval()
-    return static_ranks(lambda c: model.scores([x.history for x in c], device), cases, batch)
+    return static_ranks_top_k(lambda c: model.scores([x.history for x in c], device), cases, batch, k)
 
 
 def evaluate_sasrec(model: SASRec, cases: list[EvalCase], device: str, batch: int = 256) -> dict:
@@ -112,6 +142,37 @@ def text_vectors_for(data: Interactions, progress: bool = True) -> np.ndarray:
     return np.vstack([np.zeros((1, vecs.shape[1]), np.float32), vecs])
 
 
+_DIVERSITY_VECTORS: dict[bytes, np.ndarray] = {}  # item texts' sha1 -> text_vectors_for, for the runs of a process
+
+
+def diversity_vectors(data: Interactions, text_vectors: np.ndarray | None,
+                      progress: bool = True) -> tuple[np.ndarray | None, str | None]:
+    """The item text vectors intra-list diversity reads, or None and why: the vectors the run was given
+    (those the text models train on), else `text_vectors_for` (its on-disk cache makes a repeat cheap;
+    kept in memory for the other seeds and models of the process)."""
+    if text_vectors is not None:
+        return text_vectors, None
+    import hashlib
+
+    key = hashlib.sha1("\0".join(data.item_texts).encode("utf-8")).digest()
+    if key not in _DIVERSITY_VECTORS:
+        try:
+            vecs = text_vectors_for(data, progress)
+        except Exception as e:  # no BERT weights, no transformers, an unreadable cache: report, don't fail the eval
+            return None, f"BERT text vectors unavailable ({type(e).__name__}: {e})"
+        _DIVERSITY_VECTORS.clear()
+        _DIVERSITY_VECTORS[key] = vecs
+    return _DIVERSITY_VECTORS[key], None
+
+
+def beyond_accuracy_report(split: LeaveOneOut, cases: list[EvalCase], lists: np.ndarray,
+                           text_vectors: np.ndarray | None, progress: bool = True) -> dict:
+    """Coverage, intra-list diversity and popularity bias of the test users' top-k lists."""
+    vecs, reason = diversity_vectors(split.data, text_vectors, progress)
+    targets = np.array([c.target for c in cases], dtype=np.int64)
+    return beyond_accuracy(lists, targets, popularity_scores(split), split.data.n_items, vecs, reason)
+
+
 def _known(cls: type, cfg: dict | None) -> dict:
     """The keys of `cfg` that the config dataclass `cls` has: one --dim flag serves every model."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -128,23 +189,29 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         pop = torch.from_numpy(popularity_scores(split))
         def fn(c):
             return pop.expand(len(c), -1).clone()
-        return {**test_report(split, test, static_ranks(fn, test)), "valid": evaluate_static(fn, valid),
-                "train_seconds": time.perf_counter() - start}
+        ranks, lists = static_ranks_top_k(fn, test)
+        return {**test_report(split, test, ranks), "valid": evaluate_static(fn, valid),
+                "train_seconds": time.perf_counter() - start,
+                "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     if name == "itemknn":
         knn = ItemKNN(ItemKNNConfig(**_known(ItemKNNConfig, model_cfg)), split.data.n_items).fit(split)
-        return {**test_report(split, test, static_ranks(knn.scores, test)),
+        ranks, lists = static_ranks_top_k(knn.scores, test)
+        return {**test_report(split, test, ranks),
                 "valid": evaluate_static(knn.scores, valid),
-                "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict()}
+                "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict(),
+                "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     if name == "sasrec":
         scfg = SASRecConfig(n_items=split.data.n_items, **_known(SASRecConfig, model_cfg))
         tcfg = copy.copy(train_cfg or TrainConfig())
         tcfg.seed = seed
         smodel, info = train_sasrec(split, scfg, tcfg, progress)
         device = pick_device(tcfg.device)
-        return {**test_report(split, test, sasrec_ranks(smodel, test, device)),
+        ranks, lists = sasrec_ranks_top_k(smodel, test, device)
+        return {**test_report(split, test, ranks),
                 "valid": evaluate_sasrec(smodel, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
-                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict(), "train": tcfg.to_dict()}
+                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict(), "train": tcfg.to_dict(),
+                "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     if name in MODES:
         if model is None:
             if text_vectors is None:
@@ -158,11 +225,13 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
             info = {"train_seconds": 0.0, "epochs_run": 0, "best_epoch": 0, "note": "pre-trained artifact"}
         device = pick_device(train_cfg.device if train_cfg else None)
         model = model.to(device)
-        return {**test_report(split, test, lsti_ranks(model, test, device)),
+        ranks, lists = lsti_ranks_top_k(model, test, device)
+        return {**test_report(split, test, ranks),
                 "valid": evaluate_lsti(model, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
                 "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict(),
-                **({"train": tcfg.to_dict()} if tcfg else {})}
+                **({"train": tcfg.to_dict()} if tcfg else {}),
+                "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -177,13 +246,41 @@ def _mean_std(runs: list[dict], part: str) -> dict:
     return out
 
 
+_BEYOND_FIXED = ("k", "users", "catalogue_items")  # the same in every run of a report: passed through
+
+
+def _beyond_mean_std(runs: list[dict]) -> dict:
+    """Mean and `_std` of each number of the runs' `beyond_accuracy`; a metric null in some run is null
+    (with the reasons of the runs in `diversity_reason`)."""
+    parts = [r["beyond_accuracy"] for r in runs]
+    out: dict = {}
+    for key, first in parts[0].items():
+        vals = [p.get(key) for p in parts]
+        if key in _BEYOND_FIXED:
+            out[key] = first
+        elif key == "diversity_reason":
+            reasons = sorted({v for v in vals if v})
+            out[key] = "; ".join(reasons) if reasons else None
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
+            arr = np.array(vals, dtype=np.float64)
+            out[key] = float(arr.mean())
+            out[f"{key}_std"] = float(arr.std())
+        else:
+            out[key] = None
+            out[f"{key}_std"] = None
+    return out
+
+
 def aggregate(runs: list[dict]) -> dict:
     """Mean and (population) standard deviation over seeds of each test metric (top level), and of the
-    test subsets (`next_buy`, `repeat`, `novel`, `cold`, `warm`) and validation metrics under their own keys."""
+    test subsets (`next_buy`, `repeat`, `novel`, `cold`, `warm`), validation metrics and `beyond_accuracy`
+    (runs that have it: older reports do not) under their own keys."""
     out = _mean_std(runs, "test")
     for part in ("test_next_buy", "test_repeat", "test_novel", "test_cold", "test_warm", "valid"):
         if part in runs[0]:
             out[part.removeprefix("test_")] = _mean_std(runs, part)
+    if all("beyond_accuracy" in r for r in runs):
+        out["beyond_accuracy"] = _beyond_mean_std(runs)
     return out
 
 
