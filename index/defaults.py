@@ -18,6 +18,33 @@ What the measurements said (batch 1 = one query per call on one thread, as the s
 - faiss 1.15.1 compares `distance_compute_blas_threshold` with n_queries * dim (default 128000; older faiss
   compared it with n_queries, default 20). ItemIndex's value 16 therefore forces BLAS even for one query:
   a single Flat query was 2-3.4x slower; at one thread BLAS pays from 4 queries (100k and 1M).
+
+CPU backends for Flat, `python -m streams.bench.index --backends` (equivalently `lsti bench index --backends`)
+(`ItemIndex.search(q, 10, exclude=[B, 10])` as the worker calls it, so 20 fetched; clustered catalogue as
+above, dim 64; one thread via threadpoolctl and faiss.omp_set_num_threads(1); best of 4 interleaved rounds of
+0.05 s; "Intel(R) Xeon(R) Processor" (OpenBLAS: SkylakeX), 2 shared cores, Linux 6.18, numpy 2.4.6 with
+scipy-openblas 0.3.31, faiss-cpu 1.15.1 with its OpenBLAS 0.3.15; load average 1.85-1.91 during the run from
+other jobs). Microseconds per query, faiss-cpu / blas (blas = numpy sgemm + grouped exact top-k, `BlasFlat`):
+
+  batch       1          2          4         16        25        48        64       100       250       500
+  1k      42/71      24/44      20/27      8.2/11    7.8/9.9   7.6/9.4   7.1/9.1   6.5/8.2   5.9/8.0   6.4/8.1
+  3k      62/87      41/68      38/41      17/18     14/16     13/14     13/14     12/13     9.5/12    9.5/11
+  10k    223/234    178/190    115/108     45/37     37/34     31/28     27/26     24/24     22/25     21/22
+  30k    404/450    344/351    261/199    106/75     93/77     74/58     71/59     62/52     57/62     56/61
+  100k  1151/1146  1072/915    970/563    377/207   329/233   296/273   262/239   228/256   183/220   174/220
+
+Two earlier runs (load 1.8-2.1) agreed on the shape: blas/faiss 0.56-0.94 for 4-48 queries at 10k-100k
+(two exceptions: 10k x 8 at 1.42 by best round although the medians favoured blas, 148/113 us; 100k x 25 at
+1.01 with 8 MiB score chunks, i.e. 20+5 queries, before the 16 MiB now), 0.8-1.24 at 64-100, 1.1-1.35 at
+250-500 (FAISS tiles 1024 rows x the batch, so its score tiles stay in cache; numpy writes the whole
+[rows, batch] matrix, 16 MiB chunks), slower at 1-2 queries up to 30k (both are memory-bound scans; numpy
+adds ~20 us of call overhead) and at 1k-3k everywhere. Hence `blas` by
+default for Flat catalogues of 10k-100k items on CPU, answering 4..48-query batches with numpy and the
+others with the FAISS flat index it keeps (`BLAS_NUMPY_BATCH`); outside that, faiss-cpu. Both exact, results
+identical in the runs above (equal scores may come in either order). The "~95 us/query at 10k" that
+motivated this was FAISS at its compiled-in `distance_compute_blas_threshold` (78-81 us/q at batch 25-500,
+measured here), which the rows of `streams.bench.index` use; ItemIndex sets `flat_blas_threshold` (256 at
+dim 64), which gives the 21-37 us/q above.
 """
 
 from __future__ import annotations
@@ -29,6 +56,12 @@ IVF_MIN_NLIST = 1024
 IVF_PROBE_FRACTION = 8  # nprobe = nlist / 8: recall 0.956 (100k), 0.980 (1M) at nlist 1024
 HNSW_EF_SEARCH = 128  # recall 0.969 at 100k, 0.908 at 1M, 0.928 plain mixture 100k (efConstruction 40)
 BLAS_MIN_BATCH = 4  # Flat at 1 thread: BLAS slower for 1-2 queries, faster from 4 (100k and 1M)
+INDEX_BACKEND_ENV = "LSTI_INDEX_BACKEND"  # overrides backend "auto": faiss (FAISS only, as before blas) or a name
+BLAS_MIN_ITEMS = 10_000  # `blas` backend by default (CPU, Flat) from this many items: 3k was a draw, 1k faiss
+BLAS_MAX_ITEMS = 100_000  # ... up to this many (the largest measured; bigger Flat catalogues stay on faiss-cpu)
+BLAS_NUMPY_BATCH = (4, 48)  # `blas` searches batches of 4..48 queries with numpy, others with its FAISS index
+BLAS_GROUP = 32  # rows per group of the grouped top-k: k * 32 candidates per query
+BLAS_SCORE_BUDGET = 1 << 22  # score-matrix floats per sgemm (16 MiB): queries go in chunks of this / rows
 
 
 def ivf_nlist(n_items: int) -> int:
@@ -80,4 +113,5 @@ def flat_blas_threshold(dim: int, min_batch: int = BLAS_MIN_BATCH, faiss_version
 
 
 __all__ = ["recommended_factory", "default_search_params", "apply_search_params", "flat_blas_threshold",
-           "ivf_nlist", "FLAT_MAX_ITEMS"]
+           "ivf_nlist", "FLAT_MAX_ITEMS", "INDEX_BACKEND_ENV", "BLAS_MIN_ITEMS", "BLAS_MAX_ITEMS", "BLAS_NUMPY_BATCH",
+           "BLAS_GROUP", "BLAS_SCORE_BUDGET"]

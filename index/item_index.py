@@ -2,17 +2,35 @@
 
 A thin wrapper in the spirit of faiss/contrib: an explicit factory string ("Flat" for exact search,
 "IVF1024,Flat" or "HNSW32" for large catalogues), ids are the model's item codes, and the GPU is
-used when faiss-gpu sees one (`StandardGpuResources`), else exact torch-CUDA top-k, else faiss-cpu.
+used when faiss-gpu sees one (`StandardGpuResources`), else exact torch-CUDA top-k, else on CPU
+faiss-cpu or, for exact (Flat) catalogues, the `blas` backend: one numpy sgemm and a grouped exact
+top-k (`BlasFlat`) for batches of `BLAS_NUMPY_BATCH` queries, FAISS's flat search for the others
+(where that measured faster). The FAISS index stays the saved artifact (`index.faiss`) in every
+case; `blas` copies its vectors at load and on `add`. Backend choice: `choose_backend` (env
+`LSTI_INDEX_BACKEND` overrides "auto"; `faiss` restores the FAISS-only choice). Both are exact, but
+equal scores may come back in either order, and in a different order from one backend (or batch
+size) to another.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
-from index.defaults import apply_search_params, default_search_params, flat_blas_threshold
+from index.defaults import (
+    BLAS_GROUP,
+    BLAS_MAX_ITEMS,
+    BLAS_MIN_ITEMS,
+    BLAS_NUMPY_BATCH,
+    BLAS_SCORE_BUDGET,
+    INDEX_BACKEND_ENV,
+    apply_search_params,
+    default_search_params,
+    flat_blas_threshold,
+)
 
 log = logging.getLogger("lsti.index")
 # Before faiss is first imported (lazily, below): its loader logs at INFO each optional build it tries, and
@@ -27,8 +45,13 @@ def _faiss():
     return faiss
 
 
+GPU_BACKENDS = ("faiss-gpu", "torch-cuda")
+BACKENDS = ("faiss-gpu", "torch-cuda", "blas", "faiss-cpu")
+
+
 def available_backends() -> list[str]:
-    """Backends usable on this machine, best first."""
+    """Backends usable on this machine, best first. `blas` (exact, Flat indexes only) comes before
+    `faiss-cpu`: `choose_backend` takes it for Flat catalogues up to `BLAS_MAX_ITEMS` items."""
     out = []
     faiss = _faiss()
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
@@ -40,8 +63,133 @@ def available_backends() -> list[str]:
             out.append("torch-cuda")
     except ImportError:  # pragma: no cover
         pass
-    out.append("faiss-cpu")
+    out += ["blas", "faiss-cpu"]
     return out
+
+
+def _exact_flat(cpu_index):
+    """The inner IndexFlat of an exact inner-product index (bare or under an IDMap/IDMap2), else None
+    (IVF, HNSW, L2, ...: `blas` would not return what they return)."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(cpu_index.index if hasattr(cpu_index, "id_map") else cpu_index)
+    if isinstance(inner, faiss.IndexFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return inner
+    return None
+
+
+def flat_parts(cpu_index) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vectors [n, d] float32, ids [n] int64) of an exact inner-product Flat index, else None."""
+    inner = _exact_flat(cpu_index)
+    if inner is None:
+        return None
+    n = int(inner.ntotal)
+    vectors = inner.reconstruct_n(0, n) if n else np.zeros((0, int(inner.d)), np.float32)
+    if hasattr(cpu_index, "id_map"):
+        ids = _faiss().vector_to_array(cpu_index.id_map).astype(np.int64)
+    else:
+        ids = np.arange(n, dtype=np.int64)
+    return vectors, ids
+
+
+def choose_backend(cpu_index, requested: str = "auto") -> str:
+    """The backend for `cpu_index`. "auto": `LSTI_INDEX_BACKEND` if set ("faiss": the FAISS-only choice of
+    before `blas`, i.e. the GPU if any, else faiss-cpu; or a backend name), else a GPU backend if one
+    is usable, else `blas` for an exact inner-product Flat catalogue of `BLAS_MIN_ITEMS`..`BLAS_MAX_ITEMS`
+    items (measured faster there for 4-48-query batches, index/defaults.py), else faiss-cpu (IVF, HNSW,
+    L2, smaller or bigger Flat)."""
+    if requested == "auto":
+        requested = os.environ.get(INDEX_BACKEND_ENV, "").strip() or "auto"
+    if requested not in ("auto", "faiss", *BACKENDS):
+        raise ValueError(f"unknown index backend {requested!r} (from the argument or ${INDEX_BACKEND_ENV}); "
+                         f"use auto, faiss or one of {', '.join(BACKENDS)}")
+    if requested not in ("auto", "faiss"):
+        return requested
+    usable = available_backends()
+    if usable[0] in GPU_BACKENDS:
+        return usable[0]
+    small_flat = BLAS_MIN_ITEMS <= cpu_index.ntotal <= BLAS_MAX_ITEMS and _exact_flat(cpu_index) is not None
+    if requested == "auto" and small_flat:
+        return "blas"
+    return "faiss-cpu"
+
+
+class BlasFlat:
+    """Exact inner-product top-k over a numpy copy of the item vectors: one sgemm per chunk of queries and
+    a grouped selection, no per-query Python loop.
+
+    Rows are kept in an array whose capacity is a multiple of `group` (zero rows past `n`, grown by
+    doubling on `add`). A search uses the first rows = group * L rows, L = ceil(n / group), and scores
+    them as St = V @ Q.T [rows, B]; the rows past n are set to -inf. Row r belongs to group r % L, so
+    the view St[group, L, B] gives each group's maximum with `group` contiguous elementwise maxima.
+    Every true top-k element lies in one of the k groups with the largest maxima (an element of any
+    other group is at most its group's maximum, so at most each of those k maxima: k elements at least
+    as large), so the k * group scores of those groups are gathered, partitioned to the top k and sorted.
+    Ties: equal scores may come in either order. Fewer than `group` rows are padding and there are more
+    than k >= 1 groups, so each group holds a real row and, for k <= n, padding (id -1, -inf) never
+    comes back.
+    """
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, group: int = BLAS_GROUP,
+                 score_budget: int = BLAS_SCORE_BUDGET):
+        self.group, self.score_budget = int(group), int(score_budget)
+        self.dim = int(vectors.shape[1])
+        self.n = 0
+        self._v = np.zeros((0, self.dim), np.float32)
+        self._ids = np.zeros(0, np.int64)
+        self.add(vectors, ids)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+        end = self.n + len(vectors)
+        if end > len(self._v):  # amortised doubling, capacity a multiple of the group size
+            cap = max(-(-end // self.group) * self.group, 2 * len(self._v))
+            v = np.zeros((cap, self.dim), np.float32)
+            v[: self.n] = self._v[: self.n]
+            i = np.full(cap, -1, np.int64)
+            i[: self.n] = self._ids[: self.n]
+            self._v, self._ids = v, i
+        self._v[self.n : end] = vectors
+        self._ids[self.n : end] = ids
+        self.n = end
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [B, k] descending, ids [B, k]) for 1 <= k <= n (the caller caps k)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n, g = self.n, self.group
+        if not 0 < k <= n:
+            raise ValueError(f"k={k} outside 1..{n}")
+        groups = -(-n // g)
+        rows = groups * g
+        vecs = self._v[:rows]
+        out_s = np.empty((len(q), k), np.float32)
+        out_i = np.empty((len(q), k), np.int64)
+        step = max(1, self.score_budget // rows)  # bounds the score matrix: chunks of queries
+        for s in range(0, len(q), step):
+            qq = q[s : s + step]
+            b = len(qq)
+            r = np.arange(b)[:, None]
+            st = vecs @ qq.T  # [rows, b], one sgemm
+            st[n:] = -np.inf
+            if k >= groups:  # small catalogue: every row is a candidate
+                pos = np.argpartition(st.T, rows - k, axis=1)[:, rows - k :]
+                sc = st.T[r, pos]
+            else:
+                maxima = st.reshape(g, groups, b).max(0).T  # [b, groups]
+                top = np.argpartition(maxima, groups - k, axis=1)[:, groups - k :]  # [b, k] group numbers
+                grp = (top[:, None, :] + (np.arange(g) * groups)[:, None]).reshape(b, g * k)  # their rows
+                cand = st.ravel().take(grp * b + r)  # [b, g * k] their scores
+                sel = np.argpartition(cand, g * k - k, axis=1)[:, g * k - k :]
+                pos, sc = grp[r, sel], cand[r, sel]
+            order = np.argsort(-sc, axis=1, kind="stable")
+            out_s[s : s + b] = sc[r, order]
+            out_i[s : s + b] = self._ids[pos[r, order]]
+        return out_s, out_i
 
 
 class ItemIndex:
@@ -56,9 +204,15 @@ class ItemIndex:
             faiss.omp_set_num_threads(threads)
         self.cpu_index = cpu_index
         self.dim = int(cpu_index.d)
-        self.backend = available_backends()[0] if backend == "auto" else backend
+        self.backend = choose_backend(cpu_index, backend)
+        if threads and self.backend == "blas":
+            _limit_blas_threads(threads)
         self._gpu_index = None
         self._torch = None
+        self._blas: BlasFlat | None = None
+        # `blas`: batches of this many queries (inclusive) go through numpy, others through the FAISS flat
+        # index it keeps (measured faster outside this window, index/defaults.py).
+        self.blas_batches = BLAS_NUMPY_BATCH
         self._attach_backend()
         # Exact search through BLAS from 4 queries on (measured break-even, index/defaults.py); faiss 1.15
         # compares this value with n_queries * dim, so a bare "16" would force BLAS on single queries.
@@ -95,6 +249,12 @@ class ItemIndex:
             vectors = self.cpu_index.index.reconstruct_n(0, self.cpu_index.ntotal)  # exact only for Flat
             ids = faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)
             self._torch = (torch.from_numpy(vectors).cuda(), torch.from_numpy(ids).cuda())
+        elif self.backend == "blas":
+            parts = flat_parts(self.cpu_index)
+            if parts is None:
+                raise ValueError("the blas backend is exact inner-product search over a Flat index; this index "
+                                 f"is {type(_faiss().downcast_index(self.cpu_index)).__name__} (use faiss-cpu)")
+            self._blas = BlasFlat(*parts)
 
     def __len__(self) -> int:
         return int(self.cpu_index.ntotal)
@@ -102,6 +262,10 @@ class ItemIndex:
     def raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, len(self))
+        if k <= 0:  # empty catalogue (or k = 0): no rows, as a too-short one gives fewer than k
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        if self._blas is not None and self.blas_batches[0] <= len(q) <= self.blas_batches[1]:
+            return self._blas.search(q, k)
         if self._torch is not None:
             import torch
 
@@ -137,7 +301,22 @@ class ItemIndex:
         return out_s, out_i
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add items (new catalogue entries between nightly rebuilds)."""
-        self.cpu_index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                    np.ascontiguousarray(ids, dtype=np.int64))
-        self._attach_backend()
+        """Add items (new catalogue entries between nightly rebuilds); `blas` appends to its copy."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.cpu_index.add_with_ids(vectors, ids)
+        if self._blas is not None:
+            self._blas.add(vectors, ids)
+        else:
+            self._attach_backend()
+
+
+def _limit_blas_threads(threads: int) -> None:
+    """numpy's BLAS to `threads` threads (process-wide, as faiss.omp_set_num_threads above): the blas
+    backend's sgemm runs there. `lsti run` already sets OPENBLAS_NUM_THREADS=1; without threadpoolctl
+    installed, that variable is the only control."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return
+    threadpool_limits(limits=threads, user_api="blas")

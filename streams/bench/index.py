@@ -1,5 +1,9 @@
 """`python -m streams.bench.index --json`: which FAISS CPU index the item index should use at which catalogue size.
 
+`--backends`: instead, exact Flat search through `ItemIndex.search` (k=10, 10 excluded ids per query, as the
+stream worker calls it) on the two CPU backends, faiss-cpu and blas (numpy sgemm + grouped top-k), by
+catalogue size and batch size on one thread: the numbers behind `BLAS_*` in index/defaults.py.
+
 Compares exact "Flat", "IVF{nlist},Flat" (nprobe sweep) and "HNSW32" (efSearch sweep) at dim 64 with
 inner product, each built through `ItemIndex.build` as production does. Reports build time, serialized
 size, QPS at batch 1 on one thread (the stream worker's setting: it searches small micro-batches with
@@ -272,6 +276,74 @@ def bench_size(n: int, args: argparse.Namespace, log) -> dict:
     return out
 
 
+def bench_backends(sizes: list[int], batches: list[int], budget_s: float, rounds: int, seed: int,
+                   log=None) -> dict:
+    """faiss-cpu vs blas through `ItemIndex.search(q, 10, exclude=[B, 10])` on one thread (threadpoolctl and
+    faiss OpenMP), in `rounds` interleaved rounds per (size, batch) cell with alternating order: us per
+    query, best and median round. The blas index searches every batch with numpy here
+    (`blas_batches` widened), so both paths are measured everywhere."""
+    faiss = _faiss()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        limiter = None
+    faiss.omp_set_num_threads(1)
+    k, n_excl = 10, 10
+    out: dict = {"k": k, "excluded_per_query": n_excl, "rounds": rounds, "budget_s_per_cell": budget_s,
+                 "threads": 1, "sizes": []}
+    for n in sizes:
+        cat = make_catalogue(n, seed=seed)
+        queries, _ = make_queries(cat, max(batches), seed=seed + 1)
+        ids = np.arange(1, n + 1, dtype=np.int64)
+        rng = np.random.default_rng(seed + 2)
+        excl = rng.integers(1, n + 1, (len(queries), n_excl))
+        idx = {"faiss-cpu": ItemIndex.build(cat.vectors, ids, "Flat", backend="faiss-cpu")}
+        idx["blas"] = ItemIndex(idx["faiss-cpu"].cpu_index, backend="blas")
+        idx["blas"].blas_batches = (1, 1 << 62)
+        # Agreement on the largest batch: same ids, and the blas scores equal the float64 top-k values.
+        _, fi = idx["faiss-cpu"].search(queries, k, exclude=excl)
+        bs, bi = idx["blas"].search(queries, k, exclude=excl)
+        exact = queries.astype(np.float64) @ cat.vectors.astype(np.float64).T
+        np.put_along_axis(exact, excl - 1, -np.inf, 1)
+        want = -np.sort(-exact, axis=1)[:, :k]
+        size: dict = {"n_items": n, "same_ids_as_faiss": round(float((fi == bi).mean()), 4),
+                      "blas_max_abs_score_error": float(np.abs(bs - want).max()), "batches": {}}
+        for b in batches:
+            q, e = queries[:b], excl[:b]
+            times: dict[str, list[float]] = {name: [] for name in idx}
+            for rnd in range(rounds):
+                for name in (list(idx) if rnd % 2 == 0 else list(idx)[::-1]):
+                    index = idx[name]
+                    index.search(q, k, exclude=e)  # warm
+                    calls, t0 = 0, time.perf_counter()
+                    while True:
+                        index.search(q, k, exclude=e)
+                        calls += 1
+                        if time.perf_counter() - t0 > budget_s / (2 * rounds):
+                            break
+                    times[name].append(1e6 * (time.perf_counter() - t0) / (calls * b))
+            cell = {name: {"us_per_query": round(min(t), 1), "us_per_query_median": round(float(np.median(t)), 1)}
+                    for name, t in times.items()}
+            cell["blas_vs_faiss"] = round(cell["blas"]["us_per_query"] / cell["faiss-cpu"]["us_per_query"], 2)
+            size["batches"][str(b)] = cell
+            if log:
+                f, bl = cell["faiss-cpu"], cell["blas"]
+                log(f"  {n:>8,} items  batch {b:>4}  faiss-cpu {f['us_per_query']:>8.1f} us/q  "
+                    f"blas {bl['us_per_query']:>8.1f} us/q  (blas/faiss {cell['blas_vs_faiss']:.2f}; "
+                    f"medians {f['us_per_query_median']:.1f} / {bl['us_per_query_median']:.1f})")
+        if log:
+            log(f"  {n:>8,} items: same ids as faiss {size['same_ids_as_faiss']:.4f}, blas max |score - exact| "
+                f"{size['blas_max_abs_score_error']:.2e}")
+        out["sizes"].append(size)
+        del idx
+    out["loadavg_at_end"] = list(os.getloadavg())
+    if limiter is not None:
+        limiter.restore_original_limits()
+    return out
+
+
 def _best(rows: list[dict], target: float) -> dict | None:
     ok = [r for r in rows if r.get("recall@10", 0) >= target]
     if not ok:
@@ -328,7 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--common-strength", type=float, default=0.6, help="shared popularity direction (0: none)")
     ap.add_argument("--pop-sigma", type=float, default=0.2, help="lognormal sigma of item norms (0: equal norms)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backends", action="store_true",
+                    help="compare the faiss-cpu and blas backends on Flat instead (--backend-sizes, --batches)")
+    ap.add_argument("--backend-sizes", type=int, nargs="+", default=[1000, 3000, 10_000, 30_000, 100_000])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16, 25, 48, 64, 100, 250, 500])
+    ap.add_argument("--backend-budget", type=float, default=0.4, help="seconds per (size, batch) cell, both backends")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds per cell")
     args = ap.parse_args(argv)
+    if args.backends:
+        report = {"machine": machine_info(), "backends": bench_backends(
+            args.backend_sizes, args.batches, args.backend_budget, args.rounds, args.seed,
+            lambda line: print(line, file=sys.stderr, flush=True))}
+        if args.json:
+            print(json.dumps(report, indent=1))
+        return 0
     args.blas_default = int(_faiss().cvar.distance_compute_blas_threshold)  # before any ItemIndex changes it
     # nlist around sqrt(N) and 4*sqrt(N), rounded to a power of two.
     args.nlists = {n: sorted({2 ** round(math.log2(math.sqrt(n))), 2 ** round(math.log2(4 * math.sqrt(n)))})
