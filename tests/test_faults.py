@@ -291,13 +291,28 @@ def test_a_worker_whose_fetching_stops_is_caught_and_resumed(kafka, start_worker
     assert "buffer_stopped" in log  # the snapshot says which partitions were stopped
 
 
+def poison(kind: int, j: int) -> bytes:
+    ev = f'"event_id":"p-{j}","item_id":"i1","event_type":"view","ts":1600000000'
+    return [
+        b"[" * 1500 + b"]" * 1500,  # RecursionError in the decoder
+        ('{"user_id":"u1",' + ev + ',"x":' + "[" * 1200 + "]" * 1200 + "}").encode(),  # deep field
+        (b'{"user_id":"u1","event_id":"p-\\udfff","item_id":"i1","event_type":"view","ts":1600000000}'),
+        ('{"user_id":"u1",' + ev.replace('"view"', '["view"]') + "}").encode(),  # unhashable event_type
+        ('{"user_id":"u2","user_id":"u1",' + ev + "}").encode(),  # duplicate key
+        ('{"user_id":"u1",' + ev + "}").encode("utf-16"),  # not UTF-8
+    ][kind]
+
+
 def fuzz_bad_events(n: int, seed: int = 3) -> list[tuple[bytes | None, bytes | None]]:
     rng = random.Random(seed)
     good = {"event_id": "x", "user_id": "u1", "item_id": "i1", "event_type": "view", "ts": 1_600_000_000}
     out: list[tuple[bytes | None, bytes | None]] = []
     for j in range(n):
-        kind = j % 12
+        kind = j % 18
         rec = dict(good, event_id=f"bad-{j}")
+        if kind >= 12:  # the poison messages that once crashed a batch (each under 4 KB)
+            out.append((b"u1", poison(kind - 12, j)))
+            continue
         if kind == 0:
             out.append((b"u1", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))))
             continue
@@ -430,3 +445,59 @@ def test_rebuild_writes_the_states_a_worker_starts_from(kafka, start_worker, nam
     per_user[uid] = per_user[uid] + [("i7", "view", 1_700_000_000, "fresh-1")]
     states = settled_states(kafka, namespace["app_id"], tiny_artifact, len(msgs) + 1)
     assert_exactly_once({uid: states[uid]}, offline_states(tiny_artifact, {uid: per_user[uid]}))
+
+
+def test_property_any_bytes_on_the_topic_are_answered_or_dead_lettered(kafka, start_worker, namespace):
+    """Hypothesis writes the input: arbitrary bytes, JSON-ish text and valid events interleaved, sent to a
+    running worker. Each example: every valid event answered, every other message dead-lettered with a
+    reason, the worker alive, and consumed = applied + duplicates + dead-lettered."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from streams.contracts.events import BadEvent, parse_event
+
+    topics = Topics.with_prefix(namespace["prefix"])
+    ensure_topics(kafka, 4, topics)
+    recs, dlq = TopicReader(kafka, topics.recommendations), TopicReader(kafka, topics.dlq)
+    recs.start()
+    dlq.start()
+    worker = start_worker()
+    counter = iter(range(10**9))
+    junk = st.one_of(st.binary(max_size=600), st.text(max_size=300).map(str.encode),
+                     st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                                  lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                      max_size=4),
+                                  max_leaves=12).map(lambda v: json.dumps(v).encode()))
+
+    @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.booleans(), junk, st.sampled_from([b"u1", b"u2", None])), min_size=50, max_size=250))
+    def check(messages):
+        before, sent, good = health(worker.web_port), [], set()
+        for is_good, raw, key in messages:
+            j = next(counter)
+            if is_good:
+                uid = f"h{j}"  # a new user per valid event: no ordering or duplicate rules interfere
+                sent.append((uid.encode(), event_json(f"hyp-{j}", uid, "i1", "view", 1_600_000_000 + j)))
+                good.add(f"hyp-{j}")
+            else:
+                try:
+                    parse_event(raw, key)
+                    continue  # junk that happens to be a valid event is not junk
+                except BadEvent:
+                    sent.append((key, raw))
+        n_bad = len(sent) - len(good)
+        publish_raw(kafka, sent, topics.events)
+        wait_progress(lambda: health(worker.web_port)["consumed"] - before["consumed"], len(sent), "the example")
+        after = health(worker.web_port)
+        assert worker.proc.poll() is None, "worker crashed"
+        assert after["applied"] - before["applied"] == len(good)
+        assert after["dead_lettered"] - before["dead_lettered"] == n_bad
+        assert after["consumed"] == after["applied"] + after["duplicates"] + after["dead_lettered"]
+        wait_progress(lambda: len(good & unique_events(recs)), len(good), "the answers")
+
+    check()
+    recs.stop_flag.set()
+    dlq.stop_flag.set()
+    reasons = [json.loads(v)["reason"] for _, v in dlq.records]
+    assert reasons and all(reasons)
+    assert "Traceback" not in worker.tail(400)
