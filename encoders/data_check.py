@@ -149,7 +149,8 @@ def _looks_numeric(s: str) -> bool:
     return bool(re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", s))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (data reports and artifact manifests name files by it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -295,7 +296,7 @@ class _Source:
         return out
 
     def info(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "sha256": _sha256(self.path),
+        return {"name": self.name, "path": str(self.path), "sha256": file_sha256(self.path),
                 "bytes": self.path.stat().st_size, "format": self.format, "encoding": self.encoding,
                 "columns": list(self.columns)}
 

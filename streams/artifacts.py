@@ -4,7 +4,6 @@ is refused. `CURRENT` names the live version and is replaced atomically."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoders.data_check import file_sha256
 from encoders.model import LSTIConfig, LSTIModel
 from encoders.online import OnlineModel
 from index import ItemIndex
@@ -27,12 +27,7 @@ def default_artifacts_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "artifacts"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = file_sha256
 
 
 def code_version() -> str:
