@@ -44,7 +44,7 @@ class WorkerSettings:
     web_bind: str = "127.0.0.1"
     session_timeout: float = 10.0
     heartbeat: float = 1.0
-    producer_linger_ms: int = 5
+    producer_linger_ms: int = 0  # answers and states go out as record batches already: waiting adds latency only
     loglevel: str = "info"
     processing_guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
@@ -65,7 +65,7 @@ class WorkerSettings:
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
-            producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 5)),
+            producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 0)),
             processing_guarantee=env.get("LSTI_PROCESSING_GUARANTEE", "at_least_once"),
             security=faust_security_from_env(),
             state_dtype=env.get("LSTI_STATE_DTYPE", "float32"),
