@@ -21,7 +21,8 @@ import json
 import sys
 
 
-async def aiokafka_loop(bootstrap: str, src: str, dst: str, group: str, n: int) -> None:
+async def _relay_clients(bootstrap: str, src: str, group: str):
+    """The two aiokafka loops' clients, started: the same settings for both, so only the sending differs."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
@@ -29,6 +30,11 @@ async def aiokafka_loop(bootstrap: str, src: str, dst: str, group: str, n: int) 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024, acks=1)
     await consumer.start()
     await producer.start()
+    return consumer, producer
+
+
+async def aiokafka_loop(bootstrap: str, src: str, dst: str, group: str, n: int) -> None:
+    consumer, producer = await _relay_clients(bootstrap, src, group)
     done = 0
     try:
         while done < n:
@@ -47,13 +53,7 @@ async def aiokafka_loop(bootstrap: str, src: str, dst: str, group: str, n: int) 
 
 async def aiokafka_batched_loop(bootstrap: str, src: str, dst: str, group: str, n: int) -> None:
     """`aiokafka_loop`, but each fetched partition's outputs go out as record batches to the same partition."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
-                                enable_auto_commit=True, max_poll_records=2000)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024, acks=1)
-    await consumer.start()
-    await producer.start()
+    consumer, producer = await _relay_clients(bootstrap, src, group)
     done, pending = 0, []
     try:
         while done < n:
