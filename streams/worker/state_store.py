@@ -164,13 +164,17 @@ class BatchedTable:
     async def check_foreign(self) -> int:
         """Compare each owned changelog partition's log end with what we know of it; repair where it is ahead."""
         consumer = self.app.consumer
-        tps = [TP(self.topic, p) for p in list(self._end)]
+        # Every changelog partition of ours, also one we have not written since the rebalance: a paused
+        # worker may have written into it, and no write of ours would notice.
+        tps = [tp for tp in consumer.assignment() if tp.topic == self.topic]
         if not tps:
             return 0
         ends = await asyncio.wait_for(consumer.highwaters(*tps), timeout=10.0)
         repaired = 0
         for tp, hw in ends.items():
-            if hw is not None and hw - 1 > self._end.get(tp.partition, hw):
+            if self._locks[tp.partition].locked():
+                continue  # a write of ours is in flight: its own landing offsets will tell a hole
+            if hw is not None and hw - 1 > self._known_end(tp.partition):
                 repaired += await self.repair(tp.partition)
         return repaired
 
