@@ -181,11 +181,29 @@ def create_app(s: WorkerSettings) -> faust.App:
         except Exception:
             stop_worker(msg)
 
+    # Per partition, the offset after the last batch this process applied. A batch that starts past it
+    # follows records that were fetched but not applied (dropped as fetched before a rebalance, while the
+    # fetcher had already read on in the new generation): applying it would put later events into a state
+    # before earlier ones, which then look like redeliveries and are lost. Such a batch is dropped and the
+    # partition read again from there.
+    applied_next: dict[int, int] = {}
+    reread_from: dict[int, int] = {}
+
     async def apply_batch(event) -> None:
         """One fetched partition batch: parse, model, send; its finish runs while the next batch is computed."""
         msg: BatchMessage = event.message
         started = time.perf_counter()
         part, records = msg.partition, msg.records
+        expected = applied_next.get(part)
+        if expected is not None and msg.first > expected:
+            if reread_from.get(part) != expected:
+                reread_from[part] = expected
+                metrics.rereads += 1
+                log.info("partition %d: batch %d..%d follows unapplied records from %d; reading again from there",
+                         part, msg.first, msg.offset, expected)
+                await app.consumer.seek(msg.tp, expected)
+            return
+        reread_from.pop(part, None)
         recommender = live.recommender  # one model version per batch; swaps happen in between
         incs, bad = parse_records(records)
         users = list(dict.fromkeys(inc.event.user_id for inc in incs))
@@ -198,6 +216,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
         if msg.generation_id != app.consumer_generation_id:
             return  # a rebalance happened meanwhile: the partition's new owner applies these events
+        applied_next[part] = max(expected or 0, msg.offset + 1)
         dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
         dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
         sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])

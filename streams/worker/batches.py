@@ -108,7 +108,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)
 
     async def seek(self, partition: TP, offset: int) -> None:
-        self._batch_next.pop(partition, None)
+        # The next batch's range starts where we seek to, also when no record sits at that offset (a
+        # transaction marker): the agent then sees the range continue from there.
+        self._batch_next[partition] = offset
         await super().seek(partition, offset)
 
 
