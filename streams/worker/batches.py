@@ -108,9 +108,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)
 
     async def seek(self, partition: TP, offset: int) -> None:
-        # The next batch's range starts where we seek to, also when no record sits at that offset (a
-        # transaction marker): the agent then sees the range continue from there.
-        self._batch_next[partition] = offset
+        # After a seek the next batch's range starts at its first record: a batch fetched before the seek
+        # took effect must not look as if it continued from the seek target (the agent would apply it).
+        self._batch_next.pop(partition, None)
         await super().seek(partition, offset)
 
 
