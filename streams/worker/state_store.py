@@ -52,6 +52,17 @@ def event_offset(value: bytes | None) -> int:
     return OFFSET_AT.unpack_from(value, OFFSET_POS)[0]
 
 
+def write_local(db: Any, items: dict[bytes, bytes | None]) -> None:
+    """One RocksDB WriteBatch: put each value, delete each key whose value is None (a tombstone)."""
+    wb = faust_rocksdb.rocksdict.WriteBatch(raw_mode=True)
+    for key, value in items.items():
+        if value is None:
+            wb.delete(key)
+        else:
+            wb.put(key, value)
+    db.write(wb)
+
+
 class FencedStore(faust_rocksdb.Store):
     """Faust's RocksDB store with the recovery merge of rule 1 (when `merge_by_offset`)."""
 
@@ -74,14 +85,8 @@ class FencedStore(faust_rocksdb.Store):
             db = self._db_for_partition(partition)
             keys = list(values)
             local = db[keys]
-            wb = faust_rocksdb.rocksdict.WriteBatch(raw_mode=True)
-            for key, old in zip(keys, local, strict=True):
-                new = values[key]
-                if new is None:
-                    wb.delete(key)
-                elif old is None or event_offset(new) >= event_offset(old):
-                    wb.put(key, new)
-            db.write(wb)
+            write_local(db, {key: values[key] for key, old in zip(keys, local, strict=True)
+                             if values[key] is None or old is None or event_offset(values[key]) >= event_offset(old)})
         for tp, offset in tp_offsets.items():
             self.set_persisted_offset(tp, offset)
 
@@ -142,14 +147,7 @@ class BatchedTable:
         sent = await send_records(self.app, self.topic, partition, list(items.items()))
         metas = [await fut for fut, _n in sent]
         counts = [n for _fut, n in sent]
-        db = self.table.data._db_for_partition(partition)
-        wb = faust_rocksdb.rocksdict.WriteBatch(raw_mode=True)
-        for key, value in items.items():
-            if value is None:
-                wb.delete(key)
-            else:
-                wb.put(key, value)
-        db.write(wb)
+        write_local(self.table.data._db_for_partition(partition), items)
         end, hole = self._known_end(partition), False
         for meta, count in zip(metas, counts, strict=True):
             if meta.offset != end + 1:
@@ -219,10 +217,7 @@ class BatchedTable:
                     again[key] = best  # the key's last record is older than the newest state: write it again
             self.foreign_records += end - start if end > start else 0
             if adopt:
-                wb = faust_rocksdb.rocksdict.WriteBatch(raw_mode=True)
-                for k, v in adopt.items():
-                    wb.put(k, v)
-                self.table.data._db_for_partition(partition).write(wb)
+                write_local(self.table.data._db_for_partition(partition), adopt)
             self._end[partition] = end - 1
             self.table.data.set_persisted_offset(TP(self.topic, partition), end - 1)
             if again:
