@@ -53,6 +53,8 @@ class WorkerSettings:
     stall_after: float = 20.0  # seconds with events waiting and none consumed before the stall watch acts (0: off)
     unstick_stalls: bool = True  # after logging a stall, put the stuck partitions back into the fetch set
     fault_stop_fetch_after: int = 0  # fault injection for tests: after this many events, stop fetching (0: off)
+    fault_drop_fetched_after: int = 0  # tests: after this many events, the consumer drops one fetched run (0: off)
+    fault_skip_batch_after: int = 0  # tests: after this many events, the agent skips one delivered batch (0: off)
 
     @classmethod
     def from_env(cls, **overrides) -> WorkerSettings:
@@ -72,6 +74,8 @@ class WorkerSettings:
             stall_after=float(env.get("LSTI_STALL_AFTER", 20.0)),
             unstick_stalls=env.get("LSTI_UNSTICK_STALLS", "1") not in ("0", "false", "no"),
             fault_stop_fetch_after=int(env.get("LSTI_FAULT_STOP_FETCH_AFTER", 0)),
+            fault_drop_fetched_after=int(env.get("LSTI_FAULT_DROP_FETCHED_AFTER", 0)),
+            fault_skip_batch_after=int(env.get("LSTI_FAULT_SKIP_BATCH_AFTER", 0)),
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

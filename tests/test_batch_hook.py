@@ -17,6 +17,7 @@ import pytest
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from aiokafka import AIOKafkaConsumer
 from faust.types.tuples import ConsumerMessage
 
 from streams.worker.batches import PINNED_FAUST, BatchApp, BatchConsumer, BatchMessage, ack_batch, batch_message
@@ -37,10 +38,14 @@ def test_faust_streaming_is_the_pinned_version():
 def test_the_internals_the_hook_touches_are_there():
     base = faust_consumer.Consumer
     for name in ("getmany", "_wait_next_records", "_add_gap", "ack", "_new_offset", "perform_seek", "seek",
-                 "on_partitions_revoked", "highwater"):
+                 "seek_to_committed", "on_partitions_revoked", "highwater", "earliest_offsets"):
         assert hasattr(base, name), name
     assert list(inspect.signature(base._add_gap).parameters) == ["self", "tp", "offset_from", "offset_to"]
     assert list(inspect.signature(base._wait_next_records).parameters) == ["self", "timeout"]
+    assert "await self.seek_to_committed()" in inspect.getsource(base.perform_seek)
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    assert hasattr(thread, "call_thread") and hasattr(thread, "_ensure_consumer")
+    assert inspect.iscoroutinefunction(AIOKafkaConsumer.committed)
     assert inspect.isasyncgenfunction(base.getmany)
     assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer
     assert issubclass(BatchConsumer, faust_aiokafka.Consumer)
@@ -72,7 +77,7 @@ class Ev:
 
 
 def _batch(app, tp, lo, hi):
-    msg = batch_message(tp, [rec(tp.topic, tp.partition, o) for o in range(lo, hi + 1)], lo,
+    msg = batch_message(tp, [rec(tp.topic, tp.partition, o) for o in range(lo, hi + 1)],
                         app.consumer_generation_id)
     msg.refcount = 1
     return msg
@@ -131,3 +136,45 @@ def test_getmany_yields_one_message_per_partition_batch_and_passes_other_topics_
     assert [(m.topic, m.offset) for m in singles] == [("long-term", 0), ("long-term", 1)]
     # Faust's reader must see no gap before the batch's last offset (it would mark the batch done unprocessed).
     assert consumer._read_offset[ev0] == 7
+
+
+def _getmany(app, records, active=None):
+    consumer = app.consumer
+
+    async def fake_wait(timeout):
+        return records, active
+
+    consumer._wait_next_records = fake_wait
+    consumer.highwater = lambda tp: 100
+    consumer.flow_active = True
+
+    async def collect():
+        return [m async for _tp, m in consumer.getmany(1.0)]
+
+    return asyncio.get_event_loop().run_until_complete(collect())
+
+
+def test_runs_and_seeks_share_one_sequence_per_partition(app):
+    """A run that directly follows the last one handed out has the next number; a dropped run or a seek in
+    between leaves a hole in the numbers, which is what tells the agent a hole may be in the offsets."""
+    consumer = app.consumer
+    ev0, ev1 = TP("events", 0), TP("events", 1)
+    runs = lambda tp, lo, hi: [rec(tp.topic, tp.partition, o) for o in range(lo, hi)]  # noqa: E731
+    [a0, a1] = _getmany(app, {ev0: runs(ev0, 0, 5), ev1: runs(ev1, 0, 3)})
+    assert (a0.seq, a1.seq) == (1, 1)
+    [b0] = _getmany(app, {ev0: runs(ev0, 5, 9), ev1: runs(ev1, 3, 4)}, active={ev0})  # ev1 paused: dropped
+    assert b0.seq == 2 and consumer.seq(ev1) == 2
+    [c1] = _getmany(app, {ev1: runs(ev1, 4, 6)})
+    assert c1.seq == 3  # not 2: a run was lost before it
+
+    async def seek_in_between(timeout):  # a seek while the fetch was waiting: what arrives may predate it
+        consumer._seq[ev0] += 1
+        return {ev0: runs(ev0, 9, 12)}, None
+
+    consumer._wait_next_records = seek_in_between
+
+    async def collect():
+        return [m async for _tp, m in consumer.getmany(1.0)]
+
+    assert asyncio.get_event_loop().run_until_complete(collect()) == []
+    assert consumer.seq(ev0) == 4

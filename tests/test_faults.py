@@ -214,6 +214,28 @@ def test_sigkill_ten_times_loses_nothing_and_applies_nothing_twice(kafka, start_
     assert_exactly_once(online, offline_states(tiny_artifact, per_user))
 
 
+@pytest.mark.parametrize("fault", ["LSTI_FAULT_DROP_FETCHED_AFTER", "LSTI_FAULT_SKIP_BATCH_AFTER"])
+def test_a_lost_fetch_or_delivery_is_read_again(kafka, start_worker, namespace, tiny_artifact, fault):
+    """Deterministic: once, a fetched run is dropped by the consumer (as for a partition paused mid-fetch),
+    or a delivered batch is skipped before the agent applies it (as Faust's stream skips one while its flow
+    control is off). The fetch position is past those records either way; the worker must notice the hole
+    before the next batch of the partition and read it again, so every event is answered and applied once."""
+    topics = Topics.with_prefix(namespace["prefix"])
+    ensure_topics(kafka, 2, topics)
+    msgs, per_user = make_stream(n_users=60, n_events=3_000, seed=5)
+    recs = TopicReader(kafka, topics.recommendations)
+    recs.start()
+    worker = start_worker(extra_env={"LSTI_BATCH_MAX": "50", fault: "1000"})
+    publish_raw(kafka, msgs, topics.events)
+    wait_progress(lambda: len(unique_events(recs)), len(msgs), "every event to be recommended on")
+    h = health(worker.web_port)
+    worker.stop()
+    recs.stop_flag.set()
+    assert h["rereads"] == 1, h
+    assert h["applied"] == len(msgs) and h["dead_lettered"] == 0, h
+    assert_exactly_once(table_states(kafka, namespace["app_id"], tiny_artifact), offline_states(tiny_artifact, per_user))
+
+
 def test_failover_between_two_workers(kafka, start_worker, namespace, tiny_artifact):
     topics = Topics.with_prefix(namespace["prefix"])
     ensure_topics(kafka, 4, topics)

@@ -25,6 +25,7 @@ from streams.contracts.dead_letter import dead_letter
 from streams.contracts.events import BadEvent, parse_event
 from streams.worker.batches import BatchApp, BatchMessage, ack_batch, send_records
 from streams.worker.control import Live, watch_items, watch_versions
+from streams.worker.lanes import Lanes
 from streams.worker.metrics import Metrics
 from streams.worker.recommender import BatchResult, Incoming, Recommender
 from streams.worker.stall_watch import StallWatch
@@ -139,15 +140,23 @@ def create_app(s: WorkerSettings) -> faust.App:
 
     app.on_partitions_revoked.connect(forget_changelog_ends)
 
+    event_lanes, long_term_lanes = Lanes("events"), Lanes("long-term")
+    app.fault_drop_fetched_after = s.fault_drop_fetched_after or None  # tests: BatchConsumer drops one run
+    skip_fault = {"after": s.fault_skip_batch_after}
+
     @app.agent(long_term_topic)
     async def store_long_term(stream):
         """Nightly long-term vectors arrive keyed by user, co-partitioned with `events`."""
         async for event in stream.noack().events():
             msg: BatchMessage = event.message
+            start = await long_term_lanes.admit(msg, app.consumer, app.consumer_generation_id)
+            if start is None:
+                continue
             vectors = {r.key: r.value for r in msg.records if r.key is not None and r.value is not None}
             await long.put_many(msg.partition, vectors)
+            long_term_lanes.applied(msg)
             metrics.long_term_loaded += len(vectors)
-            await ack_batch(event)
+            await ack_batch(event, start)
 
     # Per partition, the states computed but not yet in RocksDB (their batch's answers are on the way): the
     # next batch of the partition reads them from here, so its model step overlaps the previous delivery.
@@ -162,7 +171,8 @@ def create_app(s: WorkerSettings) -> faust.App:
         sys.stdout.flush()
         os._exit(EXIT_BATCH_FAILED)
 
-    async def finish(event, prev: asyncio.Task | None, sent: list, states: dict[bytes, bytes]) -> None:
+    async def finish(event, start: int, prev: asyncio.Task | None, sent: list,
+                     states: dict[bytes, bytes]) -> None:
         """Answers delivered, then the states that say so written, then the offsets acked; in batch order."""
         msg: BatchMessage = event.message
         try:
@@ -177,33 +187,23 @@ def create_app(s: WorkerSettings) -> faust.App:
             for k, v in states.items():
                 if mine.get(k) is v:  # not overwritten by a later batch meanwhile
                     del mine[k]
-            await ack_batch(event)
+            await ack_batch(event, start)
         except Exception:
             stop_worker(msg)
-
-    # Per partition, the offset after the last batch this process applied. A batch that starts past it
-    # follows records that were fetched but not applied (dropped as fetched before a rebalance, while the
-    # fetcher had already read on in the new generation): applying it would put later events into a state
-    # before earlier ones, which then look like redeliveries and are lost. Such a batch is dropped and the
-    # partition read again from there.
-    applied_next: dict[int, int] = {}
-    reread_from: dict[int, int] = {}
 
     async def apply_batch(event) -> None:
         """One fetched partition batch: parse, model, send; its finish runs while the next batch is computed."""
         msg: BatchMessage = event.message
         started = time.perf_counter()
         part, records = msg.partition, msg.records
-        expected = applied_next.get(part)
-        if expected is not None and msg.first > expected:
-            if reread_from.get(part) != expected:
-                reread_from[part] = expected
-                metrics.rereads += 1
-                log.info("partition %d: batch %d..%d follows unapplied records from %d; reading again from there",
-                         part, msg.first, msg.offset, expected)
-                await app.consumer.seek(msg.tp, expected)
+        if skip_fault["after"] and metrics.consumed >= skip_fault["after"]:
+            skip_fault["after"] = 0  # tests: lose one delivered batch the way Faust's stream skips one
+            log.warning("fault injection: skipping batch %s[%d] %d..%d", msg.topic, part, msg.first, msg.offset)
             return
-        reread_from.pop(part, None)
+        start = await event_lanes.admit(msg, app.consumer, app.consumer_generation_id)
+        metrics.rereads = event_lanes.rereads
+        if start is None:
+            return
         recommender = live.recommender  # one model version per batch; swaps happen in between
         incs, bad = parse_records(records)
         users = list(dict.fromkeys(inc.event.user_id for inc in incs))
@@ -216,7 +216,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
         if msg.generation_id != app.consumer_generation_id:
             return  # a rebalance happened meanwhile: the partition's new owner applies these events
-        applied_next[part] = max(expected or 0, msg.offset + 1)
+        event_lanes.applied(msg)
         dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
         dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
         sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])
@@ -231,7 +231,7 @@ def create_app(s: WorkerSettings) -> faust.App:
             await asyncio.shield(prev)  # backpressure: at most two batches of a partition in flight
             prev = None
         depth[part] = 1 if prev is None else depth.get(part, 0) + 1
-        finishing[part] = asyncio.ensure_future(finish(event, prev, sent, new_states))
+        finishing[part] = asyncio.ensure_future(finish(event, start, prev, sent, new_states))
         metrics.consumed += len(records)
         metrics.applied += res.applied
         metrics.duplicates += res.duplicates

@@ -18,15 +18,21 @@ can pass it. `getmany` keeps Faust's reader from marking the range itself at fet
 gap fill would let a commit pass a failed batch). A message fetched in an older generation never
 reaches the consumer's bookkeeping (`on_final_ack`).
 
+Continuity: the consumer numbers every fetched run and every seek of a partition in one sequence
+(`BatchMessage.seq`); a run it drops (a partition paused meanwhile, a generation that ended mid-fetch, a
+fetch that waited across a seek) still takes a number. `streams/worker/lanes.py` uses the numbers to
+apply a partition's batches with no hole between them.
+
 Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fails on a change):
 `Consumer.getmany` (replaced for batch topics, same flow/generation/active-partition checks),
 `Consumer._wait_next_records`, `Consumer._read_offset`, `Consumer._add_gap`, `Consumer.ack`,
-`Consumer.scheduler` untouched, `App._new_transport`, `Transport.Consumer`, `ConsumerMessage`.
+`Consumer.seek` and `seek_to_committed` (counted), `Consumer.scheduler` untouched, `App._new_transport`,
+`Transport.Consumer`, `ConsumerMessage`, `AIOKafkaConsumerThread.call_thread` (committed offsets).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import faust
@@ -38,9 +44,13 @@ PINNED_FAUST = "0.15.3"
 
 
 class BatchMessage(ConsumerMessage):
-    """One message standing for a fetched run of records of one partition (offsets `first`..`offset`)."""
+    """One message standing for a fetched run of records of one partition (offsets `first`..`offset`).
 
-    __slots__ = ("records", "first")
+    `seq` numbers the run in its partition's fetch sequence (`BatchConsumer`): runs and seeks share one
+    counter, so a run whose number follows the previous one's directly continues it in the log.
+    """
+
+    __slots__ = ("records", "first", "seq")
 
     def on_final_ack(self, consumer: Any) -> bool:
         # A batch fetched before a rebalance is acked by Faust's stream when it drops it; it must not
@@ -50,30 +60,47 @@ class BatchMessage(ConsumerMessage):
         return consumer.ack(self)
 
 
-def batch_message(tp: TP, records: list, first: int, generation_id: int) -> BatchMessage:
+def batch_message(tp: TP, records: list, generation_id: int, seq: int = 0) -> BatchMessage:
     last = records[-1]
     msg = BatchMessage(last.topic, last.partition, last.offset, (last.timestamp or 0) / 1000.0,
                        last.timestamp_type, last.headers, last.key, last.value, None, 0, 0, tp,
                        generation_id=generation_id)
     msg.records = records
-    msg.first = first
+    msg.first = records[0].offset
+    msg.seq = seq
     return msg
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer, yielding one `BatchMessage` per partition for the app's batch topics."""
+    """Faust's aiokafka consumer, yielding one `BatchMessage` per partition for the app's batch topics.
+
+    Per partition it counts, in one sequence, every fetched run of records (handed out or dropped) and
+    every seek. The agent uses the numbers to tell a batch that continues the last one it applied from
+    one that follows a hole (`streams/worker/lanes.py`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._batch_next: dict[TP, int] = {}  # offset after the last batch handed out, per partition
+        self._seq: dict[TP, int] = {}
+        self._sought: dict[TP, int] = {}  # the target of the last seek, per partition
+        self._handed_out = 0  # records handed out, for the fault injection of tests
+
+    def seq(self, tp: TP) -> int:
+        return self._seq.get(tp, 0)
+
+    def _bump(self, tp: TP) -> int:
+        self._seq[tp] = n = self._seq.get(tp, 0) + 1
+        return n
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, ConsumerMessage]]:
         batch_topics = getattr(self.app, "batch_topics", frozenset())
+        before = dict(self._seq)  # a seek while we wait makes what arrives suspect: see below
         records, active = await self._wait_next_records(timeout)
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
             return
         if not self.flow_active:
+            self._dropped(records, batch_topics)
             try:
                 await self.perform_seek()
             except Exception as exc:  # same as Faust: log and go on
@@ -87,31 +114,66 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 singles[tp] = recs
                 continue
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                self._dropped(records, batch_topics)
                 return
-            if active is not None and tp not in active and tp not in self._buffered_partitions:
+            sought_meanwhile = self._seq.get(tp, 0) != before.get(tp, 0)
+            if (active is not None and tp not in active and tp not in self._buffered_partitions) \
+                    or (sought_meanwhile and recs[0].offset != self._sought.get(tp)) or self._fault_drop(len(recs)):
+                # Not handed out (a paused partition; or fetched around a seek and not starting at its
+                # target, so maybe from before it): the fetch position is past these records all the
+                # same, so the next run must not look like a continuation.
+                self._bump(tp)
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-            prev = self._batch_next.get(tp)
-            first = recs[0].offset if prev is None or prev > recs[0].offset else prev
-            self._batch_next[tp] = recs[-1].offset + 1
             # Faust's reader fills the offsets between two messages as a "gap" at fetch time; for a batch
             # that would mark its records done before they are applied. One below the last: no gap.
             self._read_offset[tp] = recs[-1].offset - 1
-            yield tp, batch_message(tp, recs, first, generation_id)
+            self._handed_out += len(recs)
+            yield tp, batch_message(tp, recs, generation_id, self._bump(tp))
         if singles:
             async for item in _per_record(self, singles, generation_id, active):
                 yield item
 
+    def _dropped(self, records: dict, batch_topics: frozenset) -> None:
+        for tp, recs in records.items():
+            if recs and tp.topic in batch_topics:
+                self._bump(tp)
+
+    def _fault_drop(self, n: int) -> bool:
+        after = getattr(self.app, "fault_drop_fetched_after", None)
+        if after is not None and self._handed_out >= after:
+            self.app.fault_drop_fetched_after = None
+            self.log.warning("fault injection: dropping a fetched run of %d records", n)
+            return True
+        return False
+
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         for tp in revoked:
-            self._batch_next.pop(tp, None)
+            self._bump(tp)
         await super().on_partitions_revoked(revoked)
 
     async def seek(self, partition: TP, offset: int) -> None:
-        # After a seek the next batch's range starts at its first record: a batch fetched before the seek
-        # took effect must not look as if it continued from the seek target (the agent would apply it).
-        self._batch_next.pop(partition, None)
+        self._bump(partition)
+        self._sought[partition] = offset
         await super().seek(partition, offset)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        for tp in self.assignment():
+            self._bump(tp)
+            self._sought.pop(tp, None)
+        committed = await super().seek_to_committed()
+        self._sought.update({tp: off for tp, off in committed.items() if off is not None})
+        return committed
+
+    async def restart_point(self, tp: TP) -> int:
+        """Where the group's processing of `tp` stands: its committed offset, or the log start if none."""
+        thread = self._thread
+        aio = thread._ensure_consumer()
+        committed = await thread.call_thread(aio.committed, faust_aiokafka.ensure_aiokafka_TP(tp))
+        if committed is not None:
+            return int(committed)
+        earliest = await self.earliest_offsets(tp)
+        return int(earliest.get(tp) or 0)
 
 
 async def _per_record(consumer: BatchConsumer, records: dict, generation_id: int,
@@ -139,14 +201,17 @@ class BatchApp(faust.App):
         return BatchTransport(self.conf.broker_consumer, self)
 
 
-async def ack_batch(event: faust.types.EventT) -> None:
-    """Mark the batch's whole offset range processed: Faust's next commit may move past it."""
+async def ack_batch(event: faust.types.EventT, start: int | None = None) -> None:
+    """Mark offsets `start` (default: the batch's first record) to the batch's last as processed: Faust's
+    next commit may move past them. A `start` below the first record covers offsets holding no record
+    (proved by the lane: `streams/worker/lanes.py`)."""
     msg: BatchMessage = event.message  # type: ignore[assignment]
     consumer = event.app.consumer
     if msg.generation_id != event.app.consumer_generation_id:
         return  # fetched before a rebalance: its offsets are not ours to commit any more
-    if msg.offset > msg.first:
-        await consumer._add_gap(msg.tp, msg.first, msg.offset - 1)
+    start = msg.first if start is None else start
+    if msg.offset > start:
+        await consumer._add_gap(msg.tp, start, msg.offset - 1)
     event.ack()
 
 
