@@ -14,10 +14,10 @@ from importlib.metadata import version
 
 import faust
 import pytest
+from aiokafka import AIOKafkaConsumer
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
-from aiokafka import AIOKafkaConsumer
 from faust.types.tuples import ConsumerMessage
 
 from streams.worker.batches import PINNED_FAUST, BatchApp, BatchConsumer, BatchMessage, ack_batch, batch_message
