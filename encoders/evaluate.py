@@ -210,7 +210,9 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         return {**test_report(split, test, ranks),
                 "valid": evaluate_sasrec(smodel, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
-                "best_epoch": info["best_epoch"], "lr": info["lr"], "config": scfg.to_dict(), "train": tcfg.to_dict(),
+                "best_epoch": info["best_epoch"], "stop_reason": info.get("stop_reason"), "lr": info["lr"],
+                "valid_curve": [round(h["valid"]["ndcg@10"], 4) for h in info["history"]],
+                "config": scfg.to_dict(), "train": tcfg.to_dict(),
                 "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     if name in MODES:
         if model is None:
@@ -229,7 +231,9 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
         return {**test_report(split, test, ranks),
                 "valid": evaluate_lsti(model, valid, device),
                 "train_seconds": info["train_seconds"], "epochs": info["epochs_run"],
-                "best_epoch": info["best_epoch"], "lr": info.get("lr"), "config": model.cfg.to_dict(),
+                "best_epoch": info["best_epoch"], "stop_reason": info.get("stop_reason"), "lr": info.get("lr"),
+                "valid_curve": [round(h["valid"]["ndcg@10"], 4) for h in info.get("history", [])],
+                "config": model.cfg.to_dict(),
                 **({"train": tcfg.to_dict()} if tcfg else {}),
                 "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
     raise ValueError(f"unknown model {name!r}")

@@ -48,6 +48,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def converge(cls, **given) -> TrainConfig:
+        """The one rule for 'trained to convergence', the same for every model: a constant rate after the
+        warmup, stop when validation NDCG@10 has not improved for 20 epochs, a 4-hour cap that should never
+        be what stops a run on ml-1m (`stop_reason` in the result says which did)."""
+        return cls(**{"epochs": 1000, "patience": 20, "schedule": "constant", "max_minutes": 240.0,
+                      "warmup": 0.002, **given})
+
     def resolved(self, family: str) -> TrainConfig:
         """A copy with the family's default lr filled in (the artifact records the rate actually used)."""
         return replace(self, lr=self.lr if self.lr is not None else DEFAULT_LR[family])
@@ -191,7 +199,10 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    stop = ("plateau" if bad_epochs >= cfg.patience else "time cap" if out_of_time or done == 0
+            else "max epochs")
     info = {"history": history, "best_valid_ndcg@10": best, "train_seconds": time.perf_counter() - start,
+            "stop_reason": stop, "patience": cfg.patience,
             "epochs_run": len(history), "best_epoch": int(np.argmax([h["valid"]["ndcg@10"] for h in history])) + 1}
     return model, info
 
