@@ -62,6 +62,7 @@ BLAS_MAX_ITEMS = 100_000  # ... up to this many (the largest measured; bigger Fl
 BLAS_NUMPY_BATCH = (4, 48)  # `blas` searches batches of 4..48 queries with numpy, others with its FAISS index
 BLAS_GROUP = 32  # rows per group of the grouped top-k: k * 32 candidates per query
 BLAS_SCORE_BUDGET = 1 << 22  # score-matrix floats per sgemm (16 MiB): queries go in chunks of this / rows
+BLOCKED_OVERFETCH = 64  # masked (not recommendable) items: fetch up to this many more; rows left short search again
 
 
 def ivf_nlist(n_items: int) -> int:
@@ -114,4 +115,4 @@ def flat_blas_threshold(dim: int, min_batch: int = BLAS_MIN_BATCH, faiss_version
 
 __all__ = ["recommended_factory", "default_search_params", "apply_search_params", "flat_blas_threshold",
            "ivf_nlist", "FLAT_MAX_ITEMS", "INDEX_BACKEND_ENV", "BLAS_MIN_ITEMS", "BLAS_MAX_ITEMS", "BLAS_NUMPY_BATCH",
-           "BLAS_GROUP", "BLAS_SCORE_BUDGET"]
+           "BLAS_GROUP", "BLAS_SCORE_BUDGET", "BLOCKED_OVERFETCH"]

@@ -26,6 +26,7 @@ from index.defaults import (
     BLAS_MIN_ITEMS,
     BLAS_NUMPY_BATCH,
     BLAS_SCORE_BUDGET,
+    BLOCKED_OVERFETCH,
     INDEX_BACKEND_ENV,
     apply_search_params,
     default_search_params,
@@ -193,7 +194,8 @@ class BlasFlat:
 
 
 class ItemIndex:
-    """Top-K by inner product; `search` over-fetches to honour exclusions (the user's recent items)."""
+    """Top-K by inner product; `search` over-fetches to honour exclusions (the user's recent items) and the
+    ids `block`ed as not recommendable (items deleted or out of stock), which stay in the index."""
 
     def __init__(self, cpu_index, backend: str = "auto", threads: int | None = None):
         faiss = _faiss()
@@ -213,6 +215,10 @@ class ItemIndex:
         # `blas`: batches of this many queries (inclusive) go through numpy, others through the FAISS flat
         # index it keeps (measured faster outside this window, index/defaults.py).
         self.blas_batches = BLAS_NUMPY_BATCH
+        # Not-recommendable ids: a boolean per id (ids are dense item codes) with a False sentinel past the last
+        # one set, so any id, however large, reads it with one `take`; None until something is blocked.
+        self._blocked: np.ndarray | None = None
+        self.n_blocked = 0
         self._attach_backend()
         # Exact search through BLAS from 4 queries on (measured break-even, index/defaults.py); faiss 1.15
         # compares this value with n_queries * dim, so a bare "16" would force BLAS on single queries.
@@ -279,7 +285,8 @@ class ItemIndex:
         """(scores [B,k], ids [B,k]) without each row's `exclude` ids; -1 pads rows that run short.
 
         `exclude` is an int array [B, R] (negative = no item) or a list of id arrays. Over-fetch R more
-        and drop excluded ids with one vectorised mask: no Python loop per query.
+        and drop excluded ids with one vectorised mask: no Python loop per query. Blocked ids (`block`) are
+        left out the same way (`_search_blocked`); with none blocked, this path is untouched.
         """
         if exclude is not None and not isinstance(exclude, np.ndarray):
             width = max((len(e) for e in exclude), default=0)
@@ -287,6 +294,8 @@ class ItemIndex:
             for r, e in enumerate(exclude):
                 pad[r, : len(e)] = e
             exclude = pad
+        if self.n_blocked:
+            return self._search_blocked(queries, k, exclude)
         extra = 0 if exclude is None else exclude.shape[1]
         scores, ids = self.raw_search(queries, k + extra)
         if not extra:
@@ -298,6 +307,59 @@ class ItemIndex:
         short = np.take_along_axis(drop, order, 1)
         out_i[short] = -1
         out_s[short] = -np.inf
+        return out_s, out_i
+
+    def block(self, ids: np.ndarray | list[int], blocked: bool = True) -> int:
+        """Mark `ids` as not recommendable (blocked=False: recommendable again); they stay in the index and
+        `search` leaves them out. Returns how many ids are blocked now."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        ids = ids[ids >= 0]
+        if self._blocked is None:
+            if not blocked or not ids.size:
+                return self.n_blocked
+            self._blocked = np.zeros(1, bool)
+        if ids.size and int(ids.max()) + 1 >= len(self._blocked):  # keep the sentinel past the largest id
+            grown = np.zeros(max(int(ids.max()) + 2, 2 * len(self._blocked)), bool)
+            grown[: len(self._blocked)] = self._blocked
+            self._blocked = grown
+        self._blocked[ids] = blocked
+        self.n_blocked = int(np.count_nonzero(self._blocked))
+        return self.n_blocked
+
+    def blocked(self, ids: np.ndarray) -> np.ndarray:
+        """Per id, whether it is blocked (ids < 0: False)."""
+        ids = np.asarray(ids, np.int64)
+        if self._blocked is None:
+            return np.zeros(ids.shape, bool)
+        return self._blocked.take(np.clip(ids, 0, len(self._blocked) - 1)) & (ids >= 0)
+
+    def _search_blocked(self, queries: np.ndarray, k: int, exclude: np.ndarray | None):
+        """`search` with blocked ids: fetch k + R + min(blocked, BLOCKED_OVERFETCH), drop blocked and excluded
+        ids with vectorised masks, and search again, with twice the depth, only the rows left short while the
+        index holds more. Exact: each row gets the top k of its unblocked, unexcluded ids."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n = len(self)
+        width = min(k, n)
+        out_s = np.full((len(q), width), -np.inf, np.float32)
+        out_i = np.full((len(q), width), -1, np.int64)
+        rows = np.arange(len(q))
+        fetch = min(n, k + (0 if exclude is None else exclude.shape[1]) + min(self.n_blocked, BLOCKED_OVERFETCH))
+        while rows.size and width:
+            scores, ids = self.raw_search(q[rows], fetch)
+            drop = (ids < 0) | self.blocked(ids)
+            if exclude is not None and exclude.shape[1]:
+                drop |= (ids[:, :, None] == exclude[rows][:, None, :]).any(-1)
+            order = np.argsort(drop, axis=1, kind="stable")[:, :width]
+            got_i = np.take_along_axis(ids, order, 1)
+            got_s = np.take_along_axis(scores, order, 1)
+            short = np.take_along_axis(drop, order, 1)
+            got_i[short] = -1
+            got_s[short] = -np.inf
+            out_i[rows], out_s[rows] = got_i, got_s
+            if fetch >= n:
+                break
+            rows = rows[short.any(1)]
+            fetch = min(n, 2 * fetch)
         return out_s, out_i
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:

@@ -4,9 +4,16 @@ Layout (little endian):
   header  <BBHIiqdI = format, n_recent, reserved, model tag, last partition, last offset,
                       last event ts, event count  (32 bytes)
   h, c    dim float32 each
-  recent  RECENT int32 item codes, most recent last, 0 = empty
+  recent  RECENT int32 item codes, most recent last, 0 = empty; an item added live (on the `items` topic, not
+          in the artifact) is stored as its `live_item_key` (< 0), never as the code one worker gave it
   ids     RECENT uint64 hashes of the last event ids (duplicate event_id detection)
 A state written by another model (tag mismatch) is reset, with a log line, never reused silently.
+
+Artifact codes are stable across the versions of one weights version (a nightly refresh keeps known items'
+codes and appends new ones), but the codes of live-added items are not: each worker appends them after its
+artifact's items in the order it read them, and a new artifact may give those codes to other items. Hence
+the key, a 31-bit hash of the item id: the same in every worker and every version, and mapped back to the
+reader's code when the state is decoded (streams/worker/recommender.py).
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ HEADER = struct.Struct("<BBHIiqdI")
 
 def model_tag(model_version: str) -> int:
     return zlib.crc32(model_version.encode()) & 0xFFFFFFFF
+
+
+def live_item_key(item_id: str) -> int:
+    """The stored form of a live-added item in `recent`: -1 .. -(2**31 - 1), from the item id alone."""
+    h = int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+    return -(h or 1)
 
 
 def event_id_hash(event_id: str) -> int:
