@@ -43,13 +43,22 @@ class BadArtifact(RuntimeError):
 
 
 def write_artifact(root: Path, version: str, model: LSTIModel, item_ids: list[str], index: ItemIndex,
-                   long_users: list[str], long_vectors: np.ndarray, meta: dict) -> Path:
-    """Write into a temp folder, checksum, then rename into place: a half-written version never exists."""
+                   long_users: list[str], long_vectors: np.ndarray, meta: dict,
+                   popularity: np.ndarray | None = None) -> Path:
+    """Write into a temp folder, checksum, then rename into place: a half-written version never exists.
+
+    `popularity`: events per item code (what unknown users are recommended when they have no long-term
+    vector either); stored beside the ids in items.json."""
     final = root / version
     tmp = root / f".{version}.tmp{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=False)
     torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp / "model.pt")
-    (tmp / "items.json").write_text(json.dumps({"item_ids": item_ids}))
+    items_doc: dict = {"item_ids": item_ids}
+    if popularity is not None:
+        if len(popularity) != len(item_ids):
+            raise ValueError(f"popularity has {len(popularity)} entries for {len(item_ids)} item codes")
+        items_doc["popularity"] = [int(x) for x in popularity]
+    (tmp / "items.json").write_text(json.dumps(items_doc))
     index.save(tmp / "index.faiss")
     np.save(tmp / "long_term.npy", np.asarray(long_vectors, np.float32))
     (tmp / "users.json").write_text(json.dumps(long_users))
@@ -91,6 +100,7 @@ class Artifact:
     online: OnlineModel
     item_ids: list[str]
     index: ItemIndex
+    popularity: np.ndarray | None = None  # events per item code; None in artifacts written before it
 
     @property
     def weights_version(self) -> str:
@@ -132,5 +142,8 @@ def load_artifact(path: Path, index_backend: str = "auto", index_threads: int | 
     index = ItemIndex.load(path / "index.faiss", backend=index_backend, threads=index_threads)
     if index.dim != cfg.dim or manifest.get("dim") != cfg.dim:
         raise BadArtifact(f"{path}: index dimension {index.dim} != model dimension {cfg.dim}")
-    item_ids = json.loads((path / "items.json").read_text())["item_ids"]
-    return Artifact(path, manifest["version"], manifest, model, OnlineModel(model), item_ids, index)
+    items_doc = json.loads((path / "items.json").read_text())
+    item_ids = items_doc["item_ids"]
+    pop = items_doc.get("popularity")
+    popularity = np.asarray(pop, np.int64) if pop is not None else None
+    return Artifact(path, manifest["version"], manifest, model, OnlineModel(model), item_ids, index, popularity)

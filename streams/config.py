@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class Topics:
     long_term: str = "long-term"
     model_versions: str = "model-versions"
     items: str = "items"
+    forget: str = "forget"  # user ids whose states are to be deleted (privacy), keyed like events
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -41,7 +43,8 @@ class WorkerSettings:
     batch_max: int = 500
     batch_within: float = 0.01
     web_port: int = 0  # 0: pick a free port
-    web_bind: str = "127.0.0.1"
+    web_bind: str = "127.0.0.1"  # LSTI_WEB_BIND: 0.0.0.0 to serve other hosts
+    web_advertise: str = ""  # LSTI_WEB_ADVERTISE: the host other workers reach this one at (default: see below)
     session_timeout: float = 10.0
     heartbeat: float = 1.0
     producer_linger_ms: int = 0  # answers and states go out as record batches already: waiting adds latency only
@@ -56,6 +59,14 @@ class WorkerSettings:
     fault_drop_fetched_after: int = 0  # tests: after this many events, the consumer drops one fetched run (0: off)
     fault_skip_batch_after: int = 0  # tests: after this many events, the agent skips one delivered batch (0: off)
 
+    @property
+    def canonical_url(self) -> str:
+        """Where other workers send a request for a user this one owns (Faust's table routing)."""
+        host = self.web_advertise
+        if not host:
+            host = self.web_bind if self.web_bind not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        return f"http://{host}:{self.web_port}"
+
     @classmethod
     def from_env(cls, **overrides) -> WorkerSettings:
         env = os.environ
@@ -64,6 +75,8 @@ class WorkerSettings:
             artifact=Path(env.get("LSTI_ARTIFACT", "")),
             data_dir=Path(env.get("LSTI_WORKER_DIR", state_home() / "worker")),
             batch_max=int(env.get("LSTI_BATCH_MAX", 500)),
+            web_bind=env.get("LSTI_WEB_BIND", "127.0.0.1"),
+            web_advertise=env.get("LSTI_WEB_ADVERTISE", ""),
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),

@@ -115,7 +115,9 @@ def build(
         meta["selection_valid_users"] = min(valid_users, len(split.eval_users))
     if recipe:
         meta["recipe"] = recipe
-    path = write_artifact(root, version, model, data.item_ids, item_index_for(model), users, longs, meta)
+    popularity = np.bincount(np.asarray(data.items, np.int64), minlength=len(data.item_ids))[: len(data.item_ids)]
+    path = write_artifact(root, version, model, data.item_ids, item_index_for(model), users, longs, meta,
+                          popularity=popularity)
     set_current(root, version)
     log.info("artifact %s written and made current", path)
     return path

@@ -82,6 +82,13 @@ def _load(args: argparse.Namespace):
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs (default 20; early stopping on validation)")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (default 14)")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation NDCG@10 "
+                   "(default 10)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate after the warmup (default "
+                   "cosine, annealed to 0 over --epochs)")
+    p.add_argument("--converge", action="store_true", help="train to convergence by one rule for every model: "
+                   "constant rate, stop after 20 epochs without a better validation NDCG@10, 4-hour cap; the "
+                   "result's train_info says the epochs run and the stop reason (other flags still apply)")
     p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec)")
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec)")
@@ -166,6 +173,26 @@ def cmd_consume(args: argparse.Namespace) -> int:
         pass
     except KafkaError as e:
         sys.exit(f"error: consuming {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
+    from streams.kafka.tools import request_forget
+
+    users = list(args.users)
+    if args.file:
+        users += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not users:
+        sys.exit("error: give user ids (arguments or --file)")
+    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + "forget"
+    try:
+        n = request_forget(bootstrap, users, topic)
+    except KafkaError as e:
+        sys.exit(f"error: publishing to {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
+    print(f"asked the workers to forget {n} users (topic {topic}); /health 'forgotten' counts them as done",
+          file=sys.stderr)
     return 0
 
 
@@ -289,18 +316,42 @@ def add_nightly_args(p: argparse.ArgumentParser) -> None:
     _add_bootstrap(p)
     _add_data(p)
     p.add_argument("--base", default="CURRENT", help="base artifact: folder or version name (default CURRENT)")
-    p.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all)")
+    p.add_argument("--cutoff", type=int, help="epoch seconds: events after it are ignored (default: all; with "
+                   "--archive: the last UTC midnight, so that every shard of a night reads the same days)")
     p.add_argument("--out", type=Path, help="artifacts folder (default ./artifacts, env LSTI_ARTIFACTS)")
     p.add_argument("--topic-prefix", default="", help="prefix of every topic name (namespacing on a shared Kafka)")
-    p.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT")
+    p.add_argument("--no-publish", action="store_true", help="write the artifact only: no Kafka, not made CURRENT "
+                   "(the items topic is still read when --bootstrap or LSTI_BOOTSTRAP is given)")
     p.add_argument("--activate", action="store_true", help="make it CURRENT even with --no-publish")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("archive and sharding (README `Archive and sharded nightly`)")
+    g.add_argument("--archive", type=Path, metavar="DIR", help="read the events from this `lsti archive` folder "
+                   "(instead of --dataset/--events)")
+    g.add_argument("--no-items-topic", action="store_true", help="do not read the items topic (by default it is "
+                   "read whole when there is a Kafka: added items get their text, deleted/unavailable ones are "
+                   "recorded in the manifest)")
+    g.add_argument("--shard", metavar="I/N", help="compute the long-term vectors of shard I of N only (users with "
+                   "stable_hash(user) %% N == I) into --shards-dir/shard-I-of-N; no artifact, nothing published")
+    g.add_argument("--shards-dir", type=Path, metavar="DIR", help="where --shard writes (default "
+                   "OUT/.nightly-shards)")
+    g.add_argument("--merge-shards", nargs="*", type=Path, metavar="DIR", help="last step: take the long-term "
+                   "vectors from these shard folders (or folders of them; none given: OUT/.nightly-shards), "
+                   "compute the rest, write, publish and make CURRENT as an unsharded run does; a shard missing or "
+                   "computed from other inputs is computed here")
+    g.add_argument("--wait-shards", type=float, default=0.0, metavar="SECONDS", help="with --merge-shards: wait "
+                   "up to this long for missing shards (default 0)")
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     from streams.batch.nightly import main_nightly
 
     return main_nightly(args)
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from streams.jobs.archive import main_archive
+
+    return main_archive(args, _checked_bootstrap(args))
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -398,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pub.set_defaults(func=cmd_publish)
 
+    fg = sub.add_parser("forget", help="delete users' short-term states and long-term vectors (privacy)",
+                        description="Publishes one request per user on the forget topic; the worker owning the "
+                                    "user writes tombstones on both tables, so the compacted changelogs drop the "
+                                    "user's states too. A later event of the user starts a fresh state.")
+    _add_bootstrap(fg)
+    fg.add_argument("users", nargs="*", metavar="USER_ID", help="user ids to forget")
+    fg.add_argument("--file", help="also forget the user ids in this file, one per line")
+    _add_topic_prefix(fg)
+    fg.set_defaults(func=cmd_forget)
+
     con = sub.add_parser("consume", help="print recommendations (JSON lines) as they arrive")
     _add_bootstrap(con)
     con.add_argument("--topic", default="recommendations", help="topic (recommendations, events-dlq, ...)")
@@ -468,6 +529,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_nightly_args(n)
     n.set_defaults(func=cmd_nightly)
 
+    arc = sub.add_parser("archive", help="write the events topic to date-partitioned Parquet files (what "
+                         "`lsti nightly --archive DIR` reads)",
+                         description="A Kafka-to-files sink in its own consumer group: every valid event of the "
+                         "events topic goes to DIR/date=YYYY-MM-DD/part-<partition>-<first offset>.parquet (columns "
+                         "user_id, item_id, event_type, ts, event_id, partition, offset); offsets are committed only "
+                         "after a file is fsynced and renamed into place. Records the worker would dead-letter "
+                         "are skipped and counted. Runs until stopped (SIGTERM/SIGINT write what is buffered "
+                         "first) or, with --until-idle, until no record came for that long.")
+    _add_bootstrap(arc)
+    arc.add_argument("--out", type=Path, required=True, metavar="DIR", help="archive folder (created if missing)")
+    arc.add_argument("--topic-prefix", default="", metavar="PREFIX", help="prefix of the topic names, as given to "
+                     "`lsti run --topic-prefix` (reads PREFIX + events)")
+    arc.add_argument("--group", default="lsti-archive", help="consumer group (default lsti-archive; several archive "
+                     "processes in one group split the partitions)")
+    arc.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop after this long without a new "
+                     "record (default: run until stopped)")
+    arc.add_argument("--file-events", type=int, default=100_000, metavar="N", help="events per file at most "
+                     "(default 100,000)")
+    arc.add_argument("--flush-seconds", type=float, default=60.0, metavar="SECONDS", help="write a partition's "
+                     "events at the latest this long after the first of them arrived (default 60)")
+    arc.set_defaults(func=cmd_archive)
+
     par = sub.add_parser("parity", help="online = offline: replay users through a worker and compare each "
                          "recommendation with the offline model's ranking")
     _add_bootstrap(par)
@@ -510,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED_BENCHES = {
     "index": ("streams.bench.index", "FAISS Flat vs IVF vs HNSW: recall@10, QPS, build time"),
     "state": ("streams.bench.state", "state bytes per user, RocksDB size, fp16 vs fp32 quality"),
+    "http": ("streams.bench.http", "on-demand recommendations over HTTP: requests/s, p50/p99, routed requests"),
 }
 
 

@@ -122,7 +122,7 @@ def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = N
         wanted = [NewTopic(t.events, partitions, 1), NewTopic(t.recommendations, partitions, 1),
                   NewTopic(t.dlq, 1, 1), NewTopic(t.long_term, partitions, 1),
                   NewTopic(t.model_versions, 1, 1, topic_configs={"cleanup.policy": "compact"}),
-                  NewTopic(t.items, partitions, 1)]
+                  NewTopic(t.items, partitions, 1), NewTopic(t.forget, partitions, 1)]
         new = [n for n in wanted if n.name not in existing]
         if new:
             try:
@@ -132,6 +132,21 @@ def ensure_topics(bootstrap: str, partitions: int = 4, topics: Topics | None = N
             log.info("created topics %s", ", ".join(n.name for n in new))
     finally:
         admin.close()
+
+
+def request_forget(bootstrap: str, users: list[str], topic: str = "forget") -> int:
+    """Ask the workers to delete these users' states: one record per user on `topic`, keyed by the user id
+    (so it reaches the worker owning the user's partition)."""
+    import json as _json
+    import time as _time
+
+    prod = producer(bootstrap)
+    now = _time.time()
+    for user in users:
+        prod.send(topic, key=user.encode(), value=_json.dumps({"user_id": user, "requested_at": now}).encode())
+    prod.flush()
+    prod.close()
+    return len(users)
 
 
 def producer(bootstrap: str, linger_ms: int = 5):

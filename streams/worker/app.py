@@ -18,6 +18,7 @@ import sys
 import time
 
 import faust
+from faust.types import TP
 
 from streams.artifacts import load_artifact
 from streams.config import WorkerSettings, kafka_python_security_from_env
@@ -114,16 +115,18 @@ def create_app(s: WorkerSettings) -> faust.App:
         web_port=s.web_port,
         web_bind=s.web_bind,
         web_host=s.web_bind,
+        canonical_url=s.canonical_url,
         table_standby_replicas=0,
         # A rebalance need not wait for the agent to drain its batch: batches of an older generation
         # are dropped un-acked, and the per-user offsets skip events read twice.
         stream_wait_empty=False,
         **s.security,
     )
-    app.batch_topics = frozenset({s.topics.events, s.topics.long_term})
+    app.batch_topics = frozenset({s.topics.events, s.topics.long_term, s.topics.forget})
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     events = app.topic(s.topics.events, partitions=s.partitions, **raw)
     long_term_topic = app.topic(s.topics.long_term, partitions=s.partitions, **raw)
+    forget_topic = app.topic(s.topics.forget, partitions=s.partitions, **raw)
     table_args = dict(partitions=s.partitions, key_type=bytes, value_type=bytes, beacon=app.tables.beacon)
     short_table = app.tables.add(FencedTable(app, name="short-term", merge_by_offset=True, **table_args))
     long_table = app.tables.add(FencedTable(app, name="long-term", **table_args))
@@ -140,7 +143,7 @@ def create_app(s: WorkerSettings) -> faust.App:
 
     app.on_partitions_revoked.connect(forget_changelog_ends)
 
-    event_lanes, long_term_lanes = Lanes("events"), Lanes("long-term")
+    event_lanes, long_term_lanes, forget_lanes = Lanes("events"), Lanes("long-term"), Lanes("forget")
     app.fault_drop_fetched_after = s.fault_drop_fetched_after or None  # tests: BatchConsumer drops one run
     skip_fault = {"after": s.fault_skip_batch_after}
 
@@ -156,6 +159,36 @@ def create_app(s: WorkerSettings) -> faust.App:
             await long.put_many(msg.partition, vectors)
             long_term_lanes.applied(msg)
             metrics.long_term_loaded += len(vectors)
+            await ack_batch(event, start)
+
+    # Per partition: held by the events agent from reading states to scheduling their write, and by a
+    # forget while it waits for the writes in flight and writes its tombstones, so no state computed
+    # before a forget can land after it.
+    partition_locks: dict[int, asyncio.Lock] = {}
+
+    @app.agent(forget_topic)
+    async def forget_users(stream):
+        """Privacy: delete users' short-term states and long-term vectors (tombstones in both changelogs,
+        which compaction then drops); a later event of the user starts a fresh state."""
+        async for event in stream.noack().events():
+            msg: BatchMessage = event.message
+            start = await forget_lanes.admit(msg, app.consumer, app.consumer_generation_id)
+            if start is None:
+                continue
+            keys = {r.key for r in msg.records if r.key}
+            async with partition_locks.setdefault(msg.partition, asyncio.Lock()):
+                prev = finishing.get(msg.partition)
+                if prev is not None:
+                    await asyncio.shield(prev)
+                overlay = pending.get(msg.partition, {})
+                for key in keys:
+                    overlay.pop(key, None)
+                tombstones = dict.fromkeys(keys)
+                await short.put_many(msg.partition, tombstones)
+                await long.put_many(msg.partition, tombstones)
+            forget_lanes.applied(msg)
+            metrics.forgotten += len(keys)
+            log.info("forgot %d users on partition %d", len(keys), msg.partition)
             await ack_batch(event, start)
 
     # Per partition, the states computed but not yet in RocksDB (their batch's answers are on the way): the
@@ -246,7 +279,8 @@ def create_app(s: WorkerSettings) -> faust.App:
         async for event in stream.noack().events():
             stall.batch_started = time.monotonic()
             try:
-                await apply_batch(event)
+                async with partition_locks.setdefault(event.message.partition, asyncio.Lock()):
+                    await apply_batch(event)
             except Exception:
                 stop_worker(event.message)
             stall.batch_started = None
@@ -276,10 +310,37 @@ def create_app(s: WorkerSettings) -> faust.App:
 
     @app.page("/health")
     async def health(web, request):
-        return web.json({"status": "ok", "model_version": live.recommender.version, "swaps": live.swaps,
-                         "refused_versions": live.refused, "items_added": live.items_added,
+        owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == s.topics.events)
+        return web.json({"status": "ok", "model_version": live.recommender.version, "partitions": owned,
+                         "swaps": live.swaps,
+                         "refused_versions": live.refused, **live.item_counts(),
                          "items": len(live.recommender.item_ids) - 1, **metrics.counts(),
                          "changelog": {"foreign_records": short.foreign_records, "reasserted": short.reasserted}})
+
+    @app.page("/users/{user_id}/recommendations")
+    @app.table_route(table=short_table, match_info="user_id")
+    async def user_recommendations(web, request, user_id: str):
+        """A user's current top-k without a new event, from whichever worker is asked: Faust routes the
+        request to the owner of the user's partition; the owner answers from its RocksDB copy."""
+        try:
+            k = int(request.query.get("k", s.k))
+            at = float(request.query["at"]) if "at" in request.query else None
+        except ValueError:
+            return web.json({"error": "k must be an integer and at a number (epoch seconds)"}, status=400)
+        if not 1 <= k <= 100:
+            return web.json({"error": "k must be between 1 and 100"}, status=400)
+        key = user_id.encode()
+        part = app.producer.key_partition(short_table.changelog_topic.get_topic_name(), key).partition
+        if app.rebalancing or not app.tables.recovery.completed.is_set() \
+                or not app.assignor.is_active(TP(short_table.changelog_topic.get_topic_name(), part)):
+            return web.json({"error": "the user's partition is moving between workers; retry shortly"}, status=503,
+                            headers={"Retry-After": "1"})
+        overlay = pending.get(part, {})
+        [stored], [vec] = short.get_many(part, [key]), long.get_many(part, [key])
+        state = max(overlay.get(key), stored, key=event_offset)
+        answer = live.recommender.recommend_user(user_id, state, vec, k=k, now=at)
+        metrics.http_requests += 1
+        return web.json(answer)
 
     def lag() -> dict[int, int]:
         """Events not yet read per assigned partition of `events` (log end - read offset, Faust's monitor)."""

@@ -24,6 +24,8 @@ class Metrics:
         self.long_term_loaded = 0
         self.batches = 0
         self.rereads = 0  # partitions read again because a batch followed records fetched but not applied
+        self.http_requests = 0  # on-demand recommendations answered by this worker
+        self.forgotten = 0  # users whose states were deleted on request
         self.stalls = 0  # times the stall watch found events waiting and none consumed
         self.busy_seconds = 0.0  # in the agent, per batch: parse, model, sends and their delivery, state write
         self.wait_seconds = 0.0  # of which waiting for Kafka to confirm answers and state records
@@ -45,6 +47,7 @@ class Metrics:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
                 "dead_lettered": self.dead_lettered, "state_resets": self.resets, "batches": self.batches,
                 "long_term_loaded": self.long_term_loaded, "stalls": self.stalls, "rereads": self.rereads,
+                "http_requests": self.http_requests, "forgotten": self.forgotten,
                 "busy_seconds": round(self.busy_seconds, 3),
                 "wait_seconds": round(self.wait_seconds, 3), "counted_since": self.started}
 

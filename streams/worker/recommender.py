@@ -17,7 +17,7 @@ from encoders.data import EVENT_CODE
 from streams.artifacts import Artifact
 from streams.contracts.events import Event
 from streams.contracts.vectors import decode_vectors
-from streams.worker.state import RECENT, StateCodec, event_id_hash
+from streams.worker.state import RECENT, StateBatch, StateCodec, event_id_hash, live_item_key
 
 
 @dataclass
@@ -52,6 +52,15 @@ class Recommender:
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
         self._item_json = np.array([json.dumps(i) for i in artifact.item_ids], dtype=object)
+        # Live-added items get codes from `n_catalogue` on, in the order this worker read them; states store
+        # them as keys (streams/worker/state.py, live_item_key). `_live_keys[code - n_catalogue]` is the key of
+        # a live code; `_key_sorted`/`_key_code` map every key of an item the `items` topic added back to its
+        # code here (that item may be in this artifact).
+        self.n_catalogue = len(artifact.item_ids)
+        self._live_keys = np.zeros(0, np.int32)
+        self._keyed: dict[str, int] = {}
+        self._key_sorted = np.zeros(0, np.int32)
+        self._key_code = np.zeros(0, np.int32)
 
     def add_items(self, item_ids: list[str], vectors: np.ndarray) -> None:
         """Append items (codes continue after the last) to the maps, the online model and the index."""
@@ -62,6 +71,58 @@ class Recommender:
         self._item_json = np.concatenate([self._item_json, np.array([json.dumps(i) for i in item_ids], dtype=object)])
         self.online.item_vecs = np.vstack([self.online.item_vecs, vectors.astype(np.float32)])
         self.artifact.index.add(vectors, codes)
+        keys = [live_item_key(i) for i in item_ids]
+        self._live_keys = np.concatenate([self._live_keys, np.array(keys, np.int32)])
+        self._keyed.update(zip(item_ids, keys, strict=True))
+        self._index_keys()
+
+    def register_live(self, item_ids) -> None:
+        """Items the `items` topic added, whatever their code here: a state may name them by key."""
+        new = {i: live_item_key(i) for i in item_ids if i not in self._keyed}
+        if new:
+            self._keyed.update(new)
+            self._index_keys()
+
+    def _index_keys(self) -> None:
+        ids = sorted(i for i in self._keyed if i in self.item_code)
+        keys = np.array([self._keyed[i] for i in ids], np.int32)
+        codes = np.array([self.item_code[i] for i in ids], np.int32)
+        order = np.argsort(keys, kind="stable")  # two ids of one key (rare): the smaller id, in every worker
+        keys, codes = keys[order], codes[order]
+        first = np.ones(len(keys), bool)
+        first[1:] = keys[1:] != keys[:-1]
+        self._key_sorted, self._key_code = keys[first], codes[first]
+
+    def decode_states(self, values: list[bytes | None]) -> StateBatch:
+        """`codec.decode` with `recent` in this worker's codes: keys of live-added items mapped back (a key not
+        known here yet stays as it is, < 0, which excludes nothing and is written back unchanged)."""
+        st = self.codec.decode(values)
+        if self._key_sorted.size:
+            neg = st.recent < 0
+            if neg.any():
+                k = st.recent[neg]
+                pos = np.minimum(np.searchsorted(self._key_sorted, k), len(self._key_sorted) - 1)
+                st.recent[neg] = np.where(self._key_sorted[pos] == k, self._key_code[pos], k)
+        return st
+
+    def _recent_to_keys(self, st: StateBatch) -> None:
+        """Before encoding: live-added codes of `recent` become their keys (artifact codes stay)."""
+        if self._live_keys.size:
+            live = (st.recent >= self.n_catalogue) & (st.recent < self.n_catalogue + len(self._live_keys))
+            if live.any():
+                st.recent[live] = self._live_keys[st.recent[live] - self.n_catalogue]
+
+    def set_recommendable(self, item_ids, recommendable: bool) -> int:
+        """Leave these items out of every recommendation (False) or let them back in (True): a mask in the
+        index, no rebuild; events naming them are still applied. Returns how many of them are known here."""
+        codes = [self.item_code[i] for i in item_ids if i in self.item_code]
+        self.artifact.index.block(np.array(codes, np.int64), not recommendable)
+        return len(codes)
+
+    @property
+    def masked(self) -> int:
+        """Item codes left out of recommendations now."""
+        return self.artifact.index.n_blocked
 
     def process(self, batch: list[Incoming], states: dict[str, bytes | None],
                 longs: dict[str, bytes | None]) -> BatchResult:
@@ -87,7 +148,7 @@ class Recommender:
         if not valid:
             return res
         users = list(rows_of)
-        st = self.codec.decode([states.get(u) for u in users])
+        st = self.decode_states([states.get(u) for u in users])
         res.resets = st.reset
         long = decode_vectors([longs.get(u) for u in users], self.online.dim, self.online.long_default)
 
@@ -153,6 +214,7 @@ class Recommender:
         if n:
             self._recommend(res, ev_inc, h_ev, long[rows], np.array(ev_gap, np.float64), np.array(ev_count, np.int64),
                             np.array(ev_recent, np.int64).reshape(n, RECENT))
+        self._recent_to_keys(st)
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res
@@ -173,5 +235,45 @@ class Recommender:
                    f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},"event_ts":{e.ts!r}}}')
             res.outputs.append((e.user_id, out.encode()))
 
+
+    def recommend_user(self, user_id: str, state: bytes | None, long: bytes | None, k: int | None = None,
+                       now: float | None = None) -> dict:
+        """On demand, with no new event: the user's top-k from the stored state, fused as the stream fuses
+        it, with the time since the user's last event as the gap (`now`, default the clock), the user's
+        recent items excluded. Without a state: the long-term vector; without that: the most popular
+        items (the model's default user where the artifact has no popularity). `source` says which."""
+        k = k or self.k
+        now = time.time() if now is None else now
+        st = self.decode_states([state])
+        vec = decode_vectors([long], self.online.dim, self.online.long_default)
+        exclude = None
+        if st.count[0] > 0:
+            source = "state"
+            gap = np.array([max(0.0, now - float(st.last_ts[0]))])
+            uvec, gate = self.online.user_vectors(st.h[:1], vec, gap, st.count[:1])
+            recent = st.recent[:1].astype(np.int64)
+            exclude = np.where(recent > 0, recent, -2)
+        elif long is not None:
+            source, uvec, gate = "long-term", vec, np.zeros(1, np.float32)
+        elif self.artifact.popularity is not None:
+            pop = np.zeros(len(self.item_ids), np.float64)
+            pop[: len(self.artifact.popularity)] = self.artifact.popularity
+            pop[0] = -1.0
+            pop[self.artifact.index.blocked(np.arange(len(pop)))] = -1.0  # deleted or out of stock
+            order = np.argsort(-pop, kind="stable")[:k]
+            return self._answer(user_id, "popularity", None, order, pop[order], now)
+        else:
+            source, uvec, gate = "default", self.online.long_default[None, :].astype(np.float32), np.zeros(1)
+        scores, ids = self.artifact.index.search(uvec, k, exclude=exclude)
+        keep = ids[0] >= 0
+        return self._answer(user_id, source, float(gate[0]), ids[0][keep], scores[0][keep], now)
+
+    def _answer(self, user_id: str, source: str, gate: float | None, codes: np.ndarray, scores: np.ndarray,
+                now: float) -> dict:
+        return {"user_id": user_id, "source": source,
+                "items": [{"item_id": self.item_ids[c], "score": round(float(sc), 4)}
+                          for c, sc in zip(codes.tolist(), scores.tolist(), strict=True)],
+                "gate": None if gate is None else round(gate, 4), "model_version": self.version,
+                "ts": round(now, 3)}
 
 __all__ = ["Recommender", "Incoming", "BatchResult", "RECENT"]
