@@ -250,3 +250,135 @@ def load_dataset(
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(loaders)} or pass --events")
     return loaders[name](data_dir)
+
+
+# -- the archive (`lsti archive`): the events a stream saw, as date-partitioned Parquet files -----------------
+
+ARCHIVE_COLUMNS = ("user_id", "item_id", "event_type", "ts", "event_id", "partition", "offset")
+
+
+@dataclass
+class ItemUpdates:
+    """Catalogue changes folded in order (the last change of an item decides): the latest text of every
+    item added and not deleted since, the deleted items (for good, until added again) and the items
+    currently unavailable. Built from `streams.contracts.items.ItemChange`-like objects (attributes
+    item_id, text, deleted, available)."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    unavailable: set[str] = field(default_factory=set)
+    changes: int = 0
+
+    @classmethod
+    def fold(cls, changes: Iterable, start: ItemUpdates | None = None) -> ItemUpdates:
+        out = cls(dict(start.texts), set(start.deleted), set(start.unavailable), start.changes) if start else cls()
+        for ch in changes:
+            iid = str(ch.item_id)
+            out.changes += 1
+            if ch.deleted:
+                out.deleted.add(iid)
+                out.texts.pop(iid, None)
+                out.unavailable.discard(iid)
+                continue
+            if ch.text is not None:  # an addition: a deleted item comes back
+                out.texts[iid] = ch.text
+                out.deleted.discard(iid)
+            if ch.available is not None and iid not in out.deleted:
+                (out.unavailable.discard if ch.available else out.unavailable.add)(iid)
+        return out
+
+    @property
+    def mentioned(self) -> set[str]:
+        return set(self.texts) | self.deleted | self.unavailable
+
+
+def apply_item_updates(data: Interactions, updates: ItemUpdates | None) -> Interactions:
+    """`data` with the texts of `updates` and its added items appended (text only, no events); items
+    deleted and named by no event are not added. Event arrays, user and known item codes are unchanged."""
+    if updates is None or not (updates.texts or updates.deleted):
+        return data
+    texts = list(data.item_texts)
+    code = data.item_code()
+    item_ids = list(data.item_ids)
+    for iid, text in updates.texts.items():
+        if iid in code:
+            texts[code[iid]] = text
+        else:
+            code[iid] = len(item_ids)
+            item_ids.append(iid)
+            texts.append(text)
+    out = Interactions(users=data.users, items=data.items, etypes=data.etypes, ts=data.ts, user_ids=data.user_ids,
+                       item_ids=item_ids, item_texts=texts, name=data.name, source=dict(data.source))
+    out.source["item_changes"] = {"changes": updates.changes, "texts": len(updates.texts),
+                                  "added": len(item_ids) - len(data.item_ids), "deleted": len(updates.deleted),
+                                  "unavailable": len(updates.unavailable)}
+    return out
+
+
+def archive_files(folder: Path, cutoff: float | None = None) -> list[Path]:
+    """The Parquet files of an archive folder (`date=YYYY-MM-DD/part-<partition>-<offset>.parquet`), in name
+    order; with `cutoff`, folders of days after the cutoff's (UTC) day are skipped. Temp files (dot names)
+    of a write in progress or of a crashed archive are never read."""
+    from datetime import UTC, datetime
+
+    last_day = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%d") if cutoff is not None else None
+    out = []
+    for day in sorted(Path(folder).glob("date=*")):
+        if day.is_dir() and (last_day is None or day.name.removeprefix("date=") <= last_day):
+            out += sorted(p for p in day.glob("part-*.parquet") if p.is_file())
+    return out
+
+
+def read_archive(folder: Path | str, items_changes: Iterable | ItemUpdates | None = None,
+                 cutoff: float | None = None) -> Interactions:
+    """The events of an archive written by `lsti archive`, each (partition, offset) once, as `Interactions`.
+
+    A record re-written after a crash of the archive (the same offset in two files) counts once. Events are
+    ordered by time, then by where they were in Kafka (a user's events share a partition, so events of the
+    same second keep their publishing order). Items come from the events; `items_changes` (the `items`
+    topic, read whole) adds the texts of added items and items named by no event. Items with no text known
+    here get the text "" (the nightly step keeps the base artifact's vector of a known item for it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no archive folder {folder}")
+    files = archive_files(folder, cutoff)
+    tables = [pq.read_table(f, columns=list(ARCHIVE_COLUMNS)) for f in files]
+    schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("event_type", pa.string()),
+                        ("ts", pa.float64()), ("event_id", pa.string()), ("partition", pa.int32()),
+                        ("offset", pa.int64())])
+    table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    part = table.column("partition").to_numpy().astype(np.int64)
+    off = table.column("offset").to_numpy().astype(np.int64)
+    ts = table.column("ts").to_numpy().astype(np.float64)
+    # Dedupe on (partition, offset): sort by it and keep the first of each run of equal keys.
+    by_pos = np.lexsort((off, part))
+    first = np.ones(len(by_pos), dtype=bool)
+    first[1:] = (part[by_pos][1:] != part[by_pos][:-1]) | (off[by_pos][1:] != off[by_pos][:-1])
+    keep = by_pos[first]
+    order = keep[np.lexsort((off[keep], part[keep], ts[keep]))]
+    rows = table.take(pa.array(order, pa.int64()))
+
+    def codes(name: str) -> tuple[np.ndarray, list[str]]:
+        enc = rows.column(name).combine_chunks().dictionary_encode()  # codes in order of first appearance
+        return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+
+    users, user_ids = codes("user_id")
+    items, names = codes("item_id")
+    types, type_names = codes("event_type")
+    unknown = [t for t in type_names if t not in EVENT_CODE]
+    if unknown:
+        raise ValueError(f"{folder}: unknown event_type {unknown[0]!r} in the archive")
+    type_code = np.array([EVENT_CODE[t] for t in type_names] or [0], dtype=np.int64)
+    data = Interactions(users=users, items=items + 1, etypes=type_code[types],
+                        ts=np.floor(ts[order]).astype(np.int64), user_ids=user_ids, item_ids=[""] + names,
+                        item_texts=[""] * (len(names) + 1), name="archive")
+    data.source = {"kind": "archive", "label": f"archive:{folder.name}", "files": len(files),
+                   "rows": int(len(part)), "duplicates": int(len(part) - len(keep)), "events": int(len(keep)),
+                   "catalogue": "events + items topic" if items_changes is not None else "events"}
+    if items_changes is not None:
+        updates = items_changes if isinstance(items_changes, ItemUpdates) else ItemUpdates.fold(items_changes)
+        data = apply_item_updates(data, updates)
+    return data
