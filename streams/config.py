@@ -52,6 +52,7 @@ class WorkerSettings:
     processing_guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
     security: dict = field(default_factory=dict)  # SASL/TLS settings passed through to Faust
+    explain: bool = False  # LSTI_EXPLAIN=1: each recommended item says which recent event it follows ("because")
     state_dtype: str = "float32"  # h, c precision in the table: float32 or float16 (408 vs 664 B/user at dim 64)
     stall_after: float = 20.0  # seconds with events waiting and none consumed before the stall watch acts (0: off)
     unstick_stalls: bool = True  # after logging a stall, put the stuck partitions back into the fetch set
@@ -84,6 +85,7 @@ class WorkerSettings:
             processing_guarantee=env.get("LSTI_PROCESSING_GUARANTEE", "at_least_once"),
             security=faust_security_from_env(),
             state_dtype=env.get("LSTI_STATE_DTYPE", "float32"),
+            explain=env.get("LSTI_EXPLAIN", "0") not in ("0", "false", "no", ""),
             stall_after=float(env.get("LSTI_STALL_AFTER", 20.0)),
             unstick_stalls=env.get("LSTI_UNSTICK_STALLS", "1") not in ("0", "false", "no"),
             fault_stop_fetch_after=int(env.get("LSTI_FAULT_STOP_FETCH_AFTER", 0)),

@@ -35,7 +35,8 @@ def test_any_worker_answers_for_any_user_from_the_stored_state(kafka, start_work
     msgs, _per_user = make_stream(n_users=40, n_events=1_200, seed=3)
     recs = TopicReader(kafka, topics.recommendations)
     recs.start()
-    w1, w2 = start_worker("w1"), start_worker("w2")
+    # Explanations on: the stream's answers and the HTTP ones name the recent event behind each item.
+    w1, w2 = (start_worker(n, extra_env={"LSTI_EXPLAIN": "1"}) for n in ("w1", "w2"))
     publish_raw(kafka, msgs, topics.events)
     wait_progress(lambda: len(unique_events(recs)), len(msgs), "every event to be recommended on")
 
@@ -49,11 +50,13 @@ def test_any_worker_answers_for_any_user_from_the_stored_state(kafka, start_work
                   "every user's state in the changelog")
     stored = {k.decode(): max(v, key=event_offset)
               for k, v in changelog_records(kafka, f"{namespace['app_id']}-short-term-changelog").items()}
-    offline = Recommender(load_artifact(tiny_artifact))
+    offline = Recommender(load_artifact(tiny_artifact), explain=True)
+    streamed = [json.loads(v) for _, v in list(recs.records)]
+    assert all("because" in i for r in streamed for i in r["items"]), "stream answers explain each item"
     users = sorted(stored)[:12]
     for user in users:
-        want = offline.recommend_user(user, stored[user], None, k=7, now=AT)
-        answers = [get(w.web_port, f"/users/{user}/recommendations?k=7&at={AT}") for w in (w1, w2)]
+        want = offline.recommend_user(user, stored[user], None, k=7, now=AT, explain=True)
+        answers = [get(w.web_port, f"/users/{user}/recommendations?k=7&at={AT}&explain=1") for w in (w1, w2)]
         for status, got in answers:
             assert status == 200, got
             assert got["source"] == "state" and got["model_version"] == "tiny-v1"

@@ -90,7 +90,8 @@ def create_app(s: WorkerSettings) -> faust.App:
         raise SystemExit(f"error: processing guarantee {s.processing_guarantee!r} is not supported; the worker "
                          "runs at_least_once with state applied exactly once (README, Delivery)")
     artifact = load_artifact(s.artifact, index_threads=1)
-    live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness, state_dtype=s.state_dtype), s.k,
+    live = Live(Recommender(artifact, k=s.k, max_lateness=s.max_lateness, state_dtype=s.state_dtype,
+                            explain=s.explain), s.k,
                 s.max_lateness)
     metrics = Metrics()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
@@ -325,6 +326,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         try:
             k = int(request.query.get("k", s.k))
             at = float(request.query["at"]) if "at" in request.query else None
+            explain = request.query.get("explain", "0") not in ("0", "false", "no", "")
         except ValueError:
             return web.json({"error": "k must be an integer and at a number (epoch seconds)"}, status=400)
         if not 1 <= k <= 100:
@@ -338,7 +340,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         overlay = pending.get(part, {})
         [stored], [vec] = short.get_many(part, [key]), long.get_many(part, [key])
         state = max(overlay.get(key), stored, key=event_offset)
-        answer = live.recommender.recommend_user(user_id, state, vec, k=k, now=at)
+        answer = live.recommender.recommend_user(user_id, state, vec, k=k, now=at, explain=explain)
         metrics.http_requests += 1
         return web.json(answer)
 

@@ -53,7 +53,7 @@ class Live:
         if art.model.cfg.dim != cur.model.cfg.dim and art.weights_version == cur.weights_version:
             raise BadArtifact(f"{path}: dimension {art.model.cfg.dim} does not match its weights version")
         new = Recommender(art, k=self.k, max_lateness=self.max_lateness,
-                          state_dtype=self.recommender.codec.dtype.name)
+                          state_dtype=self.recommender.codec.dtype.name, explain=self.recommender.explain)
         if carry:
             self._carry_over(new, carry, embed=True)
         return new

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from encoders.data import EVENT_CODE
+from encoders.data import EVENT_CODE, EVENT_TYPES
 from streams.artifacts import Artifact
 from streams.contracts.events import Event
 from streams.contracts.vectors import decode_vectors
@@ -42,13 +42,17 @@ class BatchResult:
 
 
 class Recommender:
-    def __init__(self, artifact: Artifact, k: int = 10, max_lateness: float = 0.0, state_dtype: str = "float32"):
+    def __init__(self, artifact: Artifact, k: int = 10, max_lateness: float = 0.0, state_dtype: str = "float32",
+                 explain: bool = False):
         self.artifact = artifact
         self.max_lateness = max_lateness
         self.version = artifact.version
         self.k = k
         self.online = artifact.online
-        self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version, np.dtype(state_dtype))
+        # explain: each recommended item says which recent event of the user it is most similar to ("because");
+        # the state then keeps the recent events' types and times (StateCodec); off, nothing changes.
+        self.explain = explain
+        self.codec = StateCodec(artifact.model.cfg.dim, artifact.weights_version, np.dtype(state_dtype), explain)
         self.item_code = {iid: i for i, iid in enumerate(artifact.item_ids) if i}
         self.item_ids = np.array(artifact.item_ids, dtype=object)
         self._item_json = np.array([json.dumps(i) for i in artifact.item_ids], dtype=object)
@@ -156,6 +160,11 @@ class Recommender:
         last_part, last_off = st.last_partition.tolist(), st.last_offset.tolist()
         last_ts, count = st.last_ts.tolist(), st.count.tolist()
         recent, recent_ids = st.recent.tolist(), st.recent_ids.tolist()
+        explain = self.explain
+        if explain:  # the recent events' types and absolute times, updated beside `recent`
+            rtypes = st.recent_types.tolist()
+            rts = (st.last_ts[:, None] - st.recent_ages.astype(np.float64)).tolist()
+            ev_rtypes, ev_rts = [], []
         rounds = [0] * len(users)
         changed = [False] * len(users)
         ev_r, ev_code, ev_type, ev_gap, ev_first, ev_round, ev_count, ev_recent, ev_inc = ([] for _ in range(9))
@@ -180,6 +189,11 @@ class Recommender:
             ev_first.append(first)
             recent_ids[r] = recent_ids[r][1:] + [eid]
             recent[r] = recent[r][1:] + [code]
+            if explain:
+                rtypes[r] = rtypes[r][1:] + [EVENT_CODE[e.event_type]]
+                rts[r] = rts[r][1:] + [e.ts]
+                ev_rtypes.append(rtypes[r])
+                ev_rts.append(rts[r])
             count[r] += 1
             last_ts[r], last_part[r], last_off[r] = e.ts, inc.partition, inc.offset
             ev_r.append(r)
@@ -194,6 +208,9 @@ class Recommender:
         st.last_partition[:], st.last_offset[:], st.last_ts[:], st.count[:] = last_part, last_off, last_ts, count
         st.recent[:] = recent
         st.recent_ids[:] = np.array(recent_ids, dtype=np.uint64)
+        if explain:
+            st.recent_types[:] = np.array(rtypes, np.uint8).reshape(len(users), RECENT)
+            st.recent_ages[:] = (st.last_ts[:, None] - np.array(rts, np.float64).reshape(len(users), RECENT))
 
         # (2) the LSTM, batched across users, one recurrent step per round
         n = len(ev_r)
@@ -212,32 +229,79 @@ class Recommender:
 
         # (3) fusion, search, outputs
         if n:
+            details = (np.array(ev_rtypes, np.uint8).reshape(n, RECENT), np.array(ev_rts).reshape(n, RECENT)) \
+                if explain else None
             self._recommend(res, ev_inc, h_ev, long[rows], np.array(ev_gap, np.float64), np.array(ev_count, np.int64),
-                            np.array(ev_recent, np.int64).reshape(n, RECENT))
+                            np.array(ev_recent, np.int64).reshape(n, RECENT), details)
         self._recent_to_keys(st)
         for r in np.flatnonzero(changed):
             res.states[users[r]] = self.codec.encode_one(st, r)
         return res
 
     def _recommend(self, res: BatchResult, incs: list[Incoming], h: np.ndarray, long: np.ndarray,
-                   gaps: np.ndarray, counts: np.ndarray, recent: np.ndarray) -> None:
+                   gaps: np.ndarray, counts: np.ndarray, recent: np.ndarray,
+                   details: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Fuse, search the index without the users' recent items, format one output per event."""
         uvec, gate = self.online.user_vectors(h, long, gaps, counts)
         scores, ids = self.artifact.index.search(uvec, self.k, exclude=np.where(recent > 0, recent, -2))
         now = f"{time.time():.3f}"
         version = json.dumps(self.version)
         names = self._item_json[np.maximum(ids, 0)]
+        if details is None:
+            for j, inc in enumerate(incs):
+                e = inc.event
+                items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}'
+                                 for nm, sc, ok in zip(names[j], scores[j], ids[j] >= 0, strict=True) if ok)
+                out = (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate[j]:.4f},'
+                       f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},'
+                       f'"event_ts":{e.ts!r}}}')
+                res.outputs.append((e.user_id, out.encode()))
+            return
+        because = self._because_json(ids, recent, *details)
         for j, inc in enumerate(incs):
             e = inc.event
-            items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}'
-                             for nm, sc, ok in zip(names[j], scores[j], ids[j] >= 0, strict=True) if ok)
+            items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f},"because":{bc}}}'
+                             for nm, sc, ok, bc in zip(names[j], scores[j], ids[j] >= 0, because[j], strict=True)
+                             if ok)
             out = (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate[j]:.4f},'
                    f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},"event_ts":{e.ts!r}}}')
             res.outputs.append((e.user_id, out.encode()))
 
+    def because(self, ids: np.ndarray, recent: np.ndarray, types: np.ndarray,
+                times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per recommended item (ids [n, k]), the user's recent event whose item is most similar to it (cosine of
+        the model's item vectors): (item codes, event type codes, times, found) [n, k] each; `found` False where
+        the user has no recent item this worker knows."""
+        vecs = self.online.item_vecs
+        ok = recent > 0
+        top = vecs[np.maximum(ids, 0)]
+        rec = vecs[np.maximum(recent, 0)]
+        top = top / np.maximum(np.linalg.norm(top, axis=2, keepdims=True), 1e-12)
+        rec = rec / np.maximum(np.linalg.norm(rec, axis=2, keepdims=True), 1e-12)
+        sim = np.einsum("nkd,nrd->nkr", top, rec)
+        sim = np.where(ok[:, None, :], sim, -np.inf)
+        best = sim.argmax(axis=2)
+        rows = np.arange(len(ids))[:, None]
+        found = np.broadcast_to(ok.any(axis=1)[:, None], ids.shape) & (ids >= 0)
+        return recent[rows, best], types[rows, best], times[rows, best], found
+
+    def _because_json(self, ids, recent, types, times) -> list[list[str]]:
+        codes, tcodes, ts, found = self.because(ids, recent, types, times)
+        names = self._item_json[np.maximum(codes, 0)]
+        out = []
+        for j in range(len(ids)):
+            row = []
+            for nm, tc, t, ok in zip(names[j], tcodes[j].tolist(), ts[j].tolist(), found[j], strict=True):
+                if not ok:
+                    row.append("null")
+                    continue
+                et = f'"{EVENT_TYPES[tc - 1]}"' if 0 < tc <= len(EVENT_TYPES) else "null"
+                row.append(f'{{"item_id":{nm},"event_type":{et},"ts":{"null" if t != t else repr(t)}}}')
+            out.append(row)
+        return out
 
     def recommend_user(self, user_id: str, state: bytes | None, long: bytes | None, k: int | None = None,
-                       now: float | None = None) -> dict:
+                       now: float | None = None, explain: bool = False) -> dict:
         """On demand, with no new event: the user's top-k from the stored state, fused as the stream fuses
         it, with the time since the user's last event as the gap (`now`, default the clock), the user's
         recent items excluded. Without a state: the long-term vector; without that: the most popular
@@ -266,7 +330,13 @@ class Recommender:
             source, uvec, gate = "default", self.online.long_default[None, :].astype(np.float32), np.zeros(1)
         scores, ids = self.artifact.index.search(uvec, k, exclude=exclude)
         keep = ids[0] >= 0
-        return self._answer(user_id, source, float(gate[0]), ids[0][keep], scores[0][keep], now)
+        out = self._answer(user_id, source, float(gate[0]), ids[0][keep], scores[0][keep], now)
+        if explain and source == "state":
+            times = st.last_ts[:, None] - st.recent_ages.astype(np.float64)
+            because = self._because_json(ids[:, keep], st.recent[:1].astype(np.int64), st.recent_types, times)[0]
+            for item, bc in zip(out["items"], because, strict=True):
+                item["because"] = json.loads(bc)
+        return out
 
     def _answer(self, user_id: str, source: str, gate: float | None, codes: np.ndarray, scores: np.ndarray,
                 now: float) -> dict:

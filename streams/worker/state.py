@@ -7,6 +7,10 @@ Layout (little endian):
   recent  RECENT int32 item codes, most recent last, 0 = empty; an item added live (on the `items` topic, not
           in the artifact) is stored as its `live_item_key` (< 0), never as the code one worker gave it
   ids     RECENT uint64 hashes of the last event ids (duplicate event_id detection)
+  with explanations on (format 3 / 103, `LSTI_EXPLAIN=1`), also:
+  types   RECENT uint8 event type codes of the recent items' events (255 = not known)
+  ages    RECENT float32 seconds between each recent event and the last one (NaN = not known)
+Every format is read whatever the codec writes, so explanations can be switched on and off.
 A state written by another model (tag mismatch) is reset, with a log line, never reused silently.
 
 Artifact codes are stable across the versions of one weights version (a nightly refresh keeps known items'
@@ -27,6 +31,8 @@ import numpy as np
 
 FORMAT = 2
 FORMAT16 = FORMAT + 100  # h and c stored as float16: a distinct format byte, never mistaken for float32
+EXPLAINED = 1  # added to the format byte when the recent events' types and ages follow (formats 3 and 103)
+UNKNOWN_TYPE = 255
 RECENT = 10
 HEADER = struct.Struct("<BBHIiqdI")
 
@@ -58,45 +64,60 @@ class StateBatch:
     last_offset: np.ndarray  # [B] int64
     last_ts: np.ndarray  # [B] float64
     count: np.ndarray  # [B] int64
+    recent_types: np.ndarray | None = None  # [B, RECENT] uint8 event type codes (UNKNOWN_TYPE: not known)
+    recent_ages: np.ndarray | None = None  # [B, RECENT] float32 seconds before last_ts (NaN: not known)
     reset: int = 0  # how many states were dropped for a model mismatch
 
 
 class StateCodec:
-    """h and c are stored as float32 (default) or float16 (39% smaller; `lsti bench state` measures both)."""
+    """h and c are stored as float32 (default) or float16 (39% smaller; `lsti bench state` measures both).
 
-    def __init__(self, dim: int, model_version: str, dtype: type = np.float32):
+    `explain`: also keep each recent item's event type and time, what a recommendation's "because" names
+    (50 bytes more per user); off, the bytes are exactly the format without them."""
+
+    def __init__(self, dim: int, model_version: str, dtype: type = np.float32, explain: bool = False):
         self.dim = dim
         self.tag = model_tag(model_version)
         self.dtype = np.dtype(dtype)
-        self.format = FORMAT if self.dtype == np.float32 else FORMAT16
+        self.explain = explain
+        self.format = (FORMAT if self.dtype == np.float32 else FORMAT16) + (EXPLAINED if explain else 0)
         self._hc = 2 * dim * self.dtype.itemsize
-        self.size = HEADER.size + self._hc + 12 * RECENT
+        self.size = HEADER.size + self._hc + 12 * RECENT + (5 * RECENT if explain else 0)
 
     def empty(self, n: int) -> StateBatch:
         return StateBatch(
             h=np.zeros((n, self.dim), np.float32), c=np.zeros((n, self.dim), np.float32),
             recent=np.zeros((n, RECENT), np.int32), recent_ids=np.zeros((n, RECENT), np.uint64),
             last_partition=np.full(n, -1, np.int32),
-            last_offset=np.full(n, -1, np.int64), last_ts=np.zeros(n, np.float64), count=np.zeros(n, np.int64))
+            last_offset=np.full(n, -1, np.int64), last_ts=np.zeros(n, np.float64), count=np.zeros(n, np.int64),
+            recent_types=np.full((n, RECENT), UNKNOWN_TYPE, np.uint8),
+            recent_ages=np.full((n, RECENT), np.nan, np.float32))
 
     def decode(self, values: list[bytes | None]) -> StateBatch:
         """Either precision is read (so a deployment can switch LSTI_STATE_DTYPE without losing states;
-        each state is rewritten in the configured one at its next event); other formats are reset."""
+        each state is rewritten in the configured one at its next event), with or without the recent
+        events' details; other formats are reset."""
         out = self.empty(len(values))
         d = self.dim
-        layouts = {FORMAT: (np.dtype(np.float32), 8 * d), FORMAT16: (np.dtype(np.float16), 4 * d)}
+        f32, f16 = (np.dtype(np.float32), 8 * d), (np.dtype(np.float16), 4 * d)
+        layouts = {FORMAT: f32, FORMAT16: f16, FORMAT + EXPLAINED: f32, FORMAT16 + EXPLAINED: f16}
         for r, v in enumerate(values):
             if v is None:
                 continue
             fmt, _n, _res, tag, part, off, ts, count = HEADER.unpack_from(v, 0)
             dtype, hc = layouts.get(fmt, (None, -1))
-            if dtype is None or tag != self.tag or len(v) != HEADER.size + hc + 12 * RECENT:
+            explained = fmt in (FORMAT + EXPLAINED, FORMAT16 + EXPLAINED)
+            if dtype is None or tag != self.tag or len(v) != HEADER.size + hc + (17 if explained else 12) * RECENT:
                 out.reset += 1
                 continue
             body = np.frombuffer(v, dtype, 2 * d, HEADER.size)
             out.h[r], out.c[r] = body[:d], body[d:]
-            out.recent[r] = np.frombuffer(v, np.int32, RECENT, HEADER.size + hc)
-            out.recent_ids[r] = np.frombuffer(v, np.uint64, RECENT, HEADER.size + hc + 4 * RECENT)
+            at = HEADER.size + hc
+            out.recent[r] = np.frombuffer(v, np.int32, RECENT, at)
+            out.recent_ids[r] = np.frombuffer(v, np.uint64, RECENT, at + 4 * RECENT)
+            if explained:
+                out.recent_types[r] = np.frombuffer(v, np.uint8, RECENT, at + 12 * RECENT)
+                out.recent_ages[r] = np.frombuffer(v, np.float32, RECENT, at + 13 * RECENT)
             out.last_partition[r], out.last_offset[r], out.last_ts[r], out.count[r] = part, off, ts, count
         return out
 
@@ -104,4 +125,7 @@ class StateCodec:
         head = HEADER.pack(self.format, RECENT, 0, self.tag, int(s.last_partition[r]), int(s.last_offset[r]),
                            float(s.last_ts[r]), int(s.count[r]))
         hc = s.h[r].astype(self.dtype, copy=False).tobytes() + s.c[r].astype(self.dtype, copy=False).tobytes()
-        return head + hc + s.recent[r].tobytes() + s.recent_ids[r].tobytes()
+        out = head + hc + s.recent[r].tobytes() + s.recent_ids[r].tobytes()
+        if self.explain:
+            out += s.recent_types[r].tobytes() + s.recent_ages[r].astype(np.float32, copy=False).tobytes()
+        return out
