@@ -98,3 +98,18 @@ def test_forgotten_users_leave_no_record_after_compaction_and_start_fresh(kafka,
     assert (again["items"], again["gate"]) == (new["items"], new["gate"])
     prod.close()
     recs.stop_flag.set()
+
+
+def test_the_nightly_step_leaves_out_forgotten_histories():
+    import numpy as np
+
+    from encoders.data import Interactions
+    from streams.batch.nightly import without_forgotten
+
+    data = Interactions(users=np.array([0, 0, 0, 1, 1]), items=np.array([1, 2, 1, 2, 1]),
+                        etypes=np.ones(5, np.int64), ts=np.array([10.0, 20.0, 30.0, 10.0, 20.0]),
+                        user_ids=["u0", "u1"], item_ids=["", "a", "b"], item_texts=["", "A", "B"], name="t",
+                        source={})
+    out = without_forgotten(data, {"u0": 20.0, "nobody": 5.0})
+    assert out.users.tolist() == [0, 1, 1] and out.ts.tolist() == [30.0, 10.0, 20.0]
+    assert without_forgotten(data, {}) is data

@@ -118,6 +118,51 @@ class _Phases:
         return {**self.seconds, "total": round(time.perf_counter() - self.t0, 3)}
 
 
+def without_forgotten(data: Interactions, forgotten: dict[str, float]) -> Interactions:
+    """The table without the events of forgotten users up to the time they asked (`lsti forget`): the
+    nightly step must not publish a long-term vector built from a history the user had deleted."""
+    if not forgotten:
+        return data
+    until = np.full(len(data.user_ids), -np.inf)
+    index = {uid: u for u, uid in enumerate(data.user_ids)}
+    for uid, at in forgotten.items():
+        if uid in index:
+            until[index[uid]] = at
+    keep = data.ts > until[data.users]
+    return Interactions(users=data.users[keep], items=data.items[keep], etypes=data.etypes[keep], ts=data.ts[keep],
+                        user_ids=data.user_ids, item_ids=data.item_ids, item_texts=data.item_texts, name=data.name,
+                        source=dict(data.source))
+
+
+def read_forgotten(bootstrap: str, topic: str) -> dict[str, float]:
+    """Users asked to be forgotten on the `forget` topic: user id -> the time of the last request (seconds,
+    the record's timestamp). A missing topic reads as nobody."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.config import kafka_python_security_from_env
+
+    cons = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, allow_auto_create_topics=False,
+                         client_id="lsti-nightly-forget", **kafka_python_security_from_env())
+    out: dict[str, float] = {}
+    try:
+        if topic not in cons.topics():
+            return out
+        tps = [TopicPartition(topic, p) for p in sorted(cons.partitions_for_topic(topic) or [])]
+        cons.assign(tps)
+        cons.seek_to_beginning(*tps)
+        end = cons.end_offsets(tps)
+        while any(cons.position(tp) < end[tp] for tp in tps):
+            for batch in cons.poll(timeout_ms=500).values():
+                for m in batch:
+                    if m.key:
+                        uid = m.key.decode("utf-8", "replace")
+                        out[uid] = max(out.get(uid, -np.inf), m.timestamp / 1000.0)
+    finally:
+        cons.close()
+    log.info("forget topic %s: %d users to leave out up to their requests", topic, len(out))
+    return out
+
+
 def history_until(data: Interactions, cutoff: int | None) -> Interactions:
     """The same table with events after `cutoff` dropped (ids, codes and texts unchanged)."""
     if cutoff is None:
@@ -604,6 +649,12 @@ def run_nightly(
     elif updates is not None:
         data = apply_item_updates(data, updates)
     data = history_until(data, cutoff)
+    forgotten: dict[str, float] = {}
+    if bootstrap and read_items_topic:
+        from streams.config import Topics
+
+        forgotten = read_forgotten(bootstrap, Topics.with_prefix(topic_prefix).forget)
+        data = without_forgotten(data, forgotten)
     cutoff_ts = int(cutoff) if cutoff is not None else (int(data.ts.max()) if len(data.ts) else 0)
     ph.done("load_data")
 
@@ -767,7 +818,9 @@ def run_nightly(
     for k in ("train", "train_info", "test_metrics"):  # what the weights were fitted and scored on
         if k in base_art.manifest:
             meta[f"base_{k}"] = base_art.manifest[k]
-    path = write_artifact(root, version, model, item_ids, index, users, longs, meta)
+    meta["forgotten_users"] = len(forgotten)
+    popularity = np.bincount(remap[data.items], minlength=len(item_ids))[: len(item_ids)]
+    path = write_artifact(root, version, model, item_ids, index, users, longs, meta, popularity=popularity)
     verify_artifact(path)
     ph.done("write")
 

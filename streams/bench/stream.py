@@ -110,7 +110,7 @@ def _stop(p: subprocess.Popen) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
+def model_only(art_path: Path, users, items, types, batch: int = 500, explain: bool = False) -> dict:
     """The model object alone: `Recommender.process` per micro-batch over batches parsed beforehand (the
     parse is timed apart), no Kafka, no Faust, in this process: the cost of our own per-event work, with
     one BLAS/FAISS thread as in the worker."""
@@ -123,7 +123,7 @@ def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
     except ImportError:  # pragma: no cover
         threadpool_limits = None
     limiter = threadpool_limits(1) if threadpool_limits else None
-    rec = Recommender(load_artifact(art_path, index_threads=1))
+    rec = Recommender(load_artifact(art_path, index_threads=1), explain=explain)
     msgs = list(_messages(users, items, types, 0, ts=1_700_000_000.0))
     states: dict = {}
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def model_only(art_path: Path, users, items, types, batch: int = 500) -> dict:
     if limiter is not None:
         limiter.unregister()
     return {"events": len(msgs), "seconds": round(secs, 3), "events_per_s": round(len(msgs) / secs, 1),
-            "us_per_event": round(secs / len(msgs) * 1e6, 1), "batch": batch,
+            "us_per_event": round(secs / len(msgs) * 1e6, 1), "batch": batch, "explain": explain,
             "measures": "Recommender.process over pre-parsed batches (parse timed apart)",
             "parse_us_per_event": round(parse_secs / len(msgs) * 1e6, 1),
             "with_parse_events_per_s": round(len(msgs) / (secs + parse_secs), 1)}
@@ -181,7 +181,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
               bootstrap: str | None = None, latency_seconds: float = 10.0, latency_rate: float | None = None,
               systems: tuple[str, ...] = SYSTEMS, batch_max: int | None = None,
               batch_within: float | None = None, progress: bool = True, profile: Path | None = None,
-              workers: int = 1) -> dict:
+              workers: int = 1, explain: bool = False) -> dict:
     from streams.kafka.broker import scratch_broker
     from streams.kafka.tools import TopicReader, ensure_topics, publish_raw
     from streams.worker.process import WorkerProcess, free_port
@@ -193,6 +193,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
     bootstrap, broker = scratch_broker(bootstrap, home / "kafka")
     run = uuid.uuid4().hex[:6]
     result: dict = {"events": n, "users": n_users, "workers": workers, "items": n_items, "dim": dim,
+                    "explain": explain,
                     "event_mix": TAOBAO_MIX,
                     "systems_run": list(systems),
                     "machine": {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0))
@@ -209,7 +210,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
         result["publish_seconds"] = round(time.perf_counter() - t0, 2)
         if "model" in systems:
             load0 = _load()[:1]
-            result["systems"]["model"] = model_only(art, users, items, types, batch_max or 500)
+            result["systems"]["model"] = model_only(art, users, items, types, batch_max or 500, explain)
             result["systems"]["model"]["load_avg_1m"] = load0 + _load()[:1]
             if progress:
                 print(f"model: {json.dumps(result['systems']['model'])}", file=sys.stderr, flush=True)
@@ -227,8 +228,9 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
                     extra += ["--batch-max", str(batch_max)]
                 if batch_within is not None:
                     extra += ["--batch-within", str(batch_within)]
-                fleet = [WorkerProcess(bootstrap, art, home / f"{run}-worker{w}", log_path=log, extra=extra).start()
-                         for w in range(workers)]
+                env = {"LSTI_EXPLAIN": "1"} if explain else None
+                fleet = [WorkerProcess(bootstrap, art, home / f"{run}-worker{w}", log_path=log, extra=extra,
+                                       env=env).start() for w in range(workers)]
                 for w in fleet:
                     w.wait_ready()
                 worker, proc = fleet[0], fleet[0].proc

@@ -327,9 +327,9 @@ def add_nightly_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("archive and sharding (README `Archive and sharded nightly`)")
     g.add_argument("--archive", type=Path, metavar="DIR", help="read the events from this `lsti archive` folder "
                    "(instead of --dataset/--events)")
-    g.add_argument("--no-items-topic", action="store_true", help="do not read the items topic (by default it is "
-                   "read whole when there is a Kafka: added items get their text, deleted/unavailable ones are "
-                   "recorded in the manifest)")
+    g.add_argument("--no-items-topic", action="store_true", help="do not read the items and forget topics (by "
+                   "default both are read whole when there is a Kafka: added items get their text, deleted/unavailable "
+                   "ones are recorded in the manifest; forgotten users' events up to their request are left out)")
     g.add_argument("--shard", metavar="I/N", help="compute the long-term vectors of shard I of N only (users with "
                    "stable_hash(user) %% N == I) into --shards-dir/shard-I-of-N; no artifact, nothing published")
     g.add_argument("--shards-dir", type=Path, metavar="DIR", help="where --shard writes (default "
@@ -373,7 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = run_bench(n=args.n, n_users=args.users, n_items=args.items, dim=args.dim, bootstrap=args.bootstrap,
                     latency_seconds=args.latency_seconds, latency_rate=args.latency_rate,
                     systems=tuple(args.systems.split(",")), batch_max=args.batch_max,
-                    batch_within=args.batch_within, profile=args.profile, workers=args.workers)
+                    batch_within=args.batch_within, profile=args.profile, workers=args.workers,
+                    explain=args.explain)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 
@@ -578,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-within", type=float, help="worker micro-batch wait (s)")
     bs.add_argument("--workers", type=int, default=1, help="LSTI worker processes (same group, split partitions)")
     bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
+    bs.add_argument("--explain", action="store_true", help="run the model and the worker with explanations on "
+                    "(LSTI_EXPLAIN=1: a 'because' per recommended item), to measure their cost")
     bs.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bs.set_defaults(func=cmd_bench)
     br = bsub.add_parser("recovery", help="worker recovery time after a crash for N users' state")
