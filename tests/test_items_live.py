@@ -6,6 +6,8 @@ items. Real broker, real worker processes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from test_faults import health, make_stream, settled_states, unique_events, wait_progress
 
 from streams.artifacts import load_artifact, write_artifact
-from streams.config import Topics
+from streams.config import REPO, Topics
 from streams.contracts.events import event_json
 from streams.kafka.tools import TopicReader, ensure_topics, publish_raw
 from streams.worker.state import RECENT, live_item_key
@@ -73,9 +75,11 @@ def test_deleted_and_unavailable_items_are_never_recommended_but_their_events_ap
     assert {gone, out_of_stock} <= _named(before)
 
     t0 = time.time()
-    _publish_items(kafka, topics.items, [{"item_id": gone, "deleted": True},
-                                         {"item_id": out_of_stock, "available": False},
-                                         b"not json", {"item_id": "i9"}])  # two malformed: skipped
+    for action, item in (("delete", gone), ("unavailable", out_of_stock)):  # as an operator does: the CLI
+        cli = subprocess.run([sys.executable, "-m", "streams.cli", "items", action, item, "--bootstrap", kafka,
+                              "--topic-prefix", namespace["prefix"]], cwd=REPO, capture_output=True, text=True)
+        assert cli.returncode == 0 and "published 1 catalogue changes" in cli.stderr, cli.stderr
+    _publish_items(kafka, topics.items, [b"not json", {"item_id": "i9"}])  # two malformed: skipped
 
     def masked_everywhere() -> int:
         return sum(min(h["items_removed"], 1) + min(h["items_unavailable"], 1) + min(h["items_malformed"], 2)

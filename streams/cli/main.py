@@ -196,6 +196,38 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_items(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
+    from streams.contracts.items import BadItemMessage, ItemChange, parse_item_change
+    from streams.kafka.tools import publish_item_changes
+
+    if args.action == "add":
+        if args.text is None and not args.file:
+            sys.exit("error: `lsti items add` needs --text TEXT (one item) or --file items.jsonl")
+        changes = [ItemChange(i, text=args.text) for i in args.item_ids] if args.text is not None else []
+    else:
+        changes = [ItemChange(i, deleted=args.action == "delete",
+                              available=None if args.action == "delete" else args.action == "available")
+                   for i in args.item_ids]
+    if args.file:
+        for n, line in enumerate(Path(args.file).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    changes.append(parse_item_change(line))
+                except BadItemMessage as e:
+                    sys.exit(f"error: {args.file}:{n}: {e}")
+    if not changes:
+        sys.exit("error: give item ids (or --file)")
+    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + "items"
+    try:
+        n = publish_item_changes(bootstrap, changes, topic)
+    except KafkaError as e:
+        sys.exit(f"error: publishing to {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
+    print(f"published {n} catalogue changes to {topic}", file=sys.stderr)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams.kafka.tools import publish, read_event_log, sort_by_time
 
@@ -449,6 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     pub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pub.set_defaults(func=cmd_publish)
+
+    it = sub.add_parser("items", help="change the catalogue live: add, delete, mark (un)available items",
+                        description="Publishes catalogue changes on the items topic (README `Removing items`); every "
+                                    "worker applies them within seconds, and the nightly step reads them too.")
+    _add_bootstrap(it)
+    it.add_argument("action", choices=("add", "delete", "unavailable", "available"))
+    it.add_argument("item_ids", nargs="*", metavar="ITEM_ID")
+    it.add_argument("--text", help="add: the item's text (title, description) for BERT")
+    it.add_argument("--file", help="also publish the changes in this JSONL file ({\"item_id\", \"text\"} or "
+                    "{\"item_id\", \"deleted\": true} or {\"item_id\", \"available\": false} per line)")
+    _add_topic_prefix(it)
+    it.set_defaults(func=cmd_items)
 
     fg = sub.add_parser("forget", help="delete users' short-term states and long-term vectors (privacy)",
                         description="Publishes one request per user on the forget topic; the worker owning the "

@@ -149,6 +149,18 @@ def request_forget(bootstrap: str, users: list[str], topic: str = "forget") -> i
     return len(users)
 
 
+def publish_item_changes(bootstrap: str, changes: list, topic: str = "items") -> int:
+    """Catalogue changes (streams.contracts.items.ItemChange) on the `items` topic, keyed by item id."""
+    from streams.contracts.items import item_change_json
+
+    prod = producer(bootstrap)
+    for change in changes:
+        prod.send(topic, key=change.item_id.encode(), value=item_change_json(change))
+    prod.flush()
+    prod.close()
+    return len(changes)
+
+
 def producer(bootstrap: str, linger_ms: int = 5):
     from kafka import KafkaProducer
 
