@@ -301,13 +301,7 @@ class ItemIndex:
         if not extra:
             return scores[:, :k], ids[:, :k]
         drop = (ids[:, :, None] == exclude[:, None, :]).any(-1) | (ids < 0)
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        out_i = np.take_along_axis(ids, order, 1)
-        out_s = np.take_along_axis(scores, order, 1)
-        short = np.take_along_axis(drop, order, 1)
-        out_i[short] = -1
-        out_s[short] = -np.inf
-        return out_s, out_i
+        return _first_kept(scores, ids, drop, k)
 
     def block(self, ids: np.ndarray | list[int], blocked: bool = True) -> int:
         """Mark `ids` as not recommendable (blocked=False: recommendable again); they stay in the index and
@@ -349,16 +343,10 @@ class ItemIndex:
             drop = (ids < 0) | self.blocked(ids)
             if exclude is not None and exclude.shape[1]:
                 drop |= (ids[:, :, None] == exclude[rows][:, None, :]).any(-1)
-            order = np.argsort(drop, axis=1, kind="stable")[:, :width]
-            got_i = np.take_along_axis(ids, order, 1)
-            got_s = np.take_along_axis(scores, order, 1)
-            short = np.take_along_axis(drop, order, 1)
-            got_i[short] = -1
-            got_s[short] = -np.inf
-            out_i[rows], out_s[rows] = got_i, got_s
+            out_s[rows], out_i[rows] = _first_kept(scores, ids, drop, width)
             if fetch >= n:
                 break
-            rows = rows[short.any(1)]
+            rows = rows[(out_i[rows] < 0).any(1)]
             fetch = min(n, 2 * fetch)
         return out_s, out_i
 
@@ -382,3 +370,14 @@ def _limit_blas_threads(threads: int) -> None:
     except ImportError:  # pragma: no cover
         return
     threadpool_limits(limits=threads, user_api="blas")
+
+
+def _first_kept(scores: np.ndarray, ids: np.ndarray, drop: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first `width` candidates not dropped, in score order; -inf / -1 where a row runs short."""
+    order = np.argsort(drop, axis=1, kind="stable")[:, :width]
+    out_i = np.take_along_axis(ids, order, 1)
+    out_s = np.take_along_axis(scores, order, 1)
+    short = np.take_along_axis(drop, order, 1)
+    out_i[short] = -1
+    out_s[short] = -np.inf
+    return out_s, out_i

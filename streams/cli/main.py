@@ -177,8 +177,6 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from kafka.errors import KafkaError
-
     from streams.kafka.tools import request_forget
 
     users = list(args.users)
@@ -186,19 +184,24 @@ def cmd_forget(args: argparse.Namespace) -> int:
         users += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
     if not users:
         sys.exit("error: give user ids (arguments or --file)")
-    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + "forget"
-    try:
-        n = request_forget(bootstrap, users, topic)
-    except KafkaError as e:
-        sys.exit(f"error: publishing to {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
-    print(f"asked the workers to forget {n} users (topic {topic}); /health 'forgotten' counts them as done",
-          file=sys.stderr)
+    n = _send_or_exit(args, "forget", lambda bootstrap, topic: request_forget(bootstrap, users, topic))
+    print(f"asked the workers to forget {n} users (topic {args.topic_prefix}forget); /health 'forgotten' counts "
+          "them as done", file=sys.stderr)
     return 0
 
 
-def cmd_items(args: argparse.Namespace) -> int:
+def _send_or_exit(args: argparse.Namespace, topic: str, send) -> int:
+    """`send(bootstrap, PREFIX + topic)` on the checked bootstrap; a Kafka error ends the command with one line."""
     from kafka.errors import KafkaError
 
+    bootstrap, full = _checked_bootstrap(args), args.topic_prefix + topic
+    try:
+        return send(bootstrap, full)
+    except KafkaError as e:
+        sys.exit(f"error: publishing to {full} at {bootstrap} failed: {type(e).__name__}: {e}")
+
+
+def cmd_items(args: argparse.Namespace) -> int:
     from streams.contracts.items import BadItemMessage, ItemChange, parse_item_change
     from streams.kafka.tools import publish_item_changes
 
@@ -219,12 +222,8 @@ def cmd_items(args: argparse.Namespace) -> int:
                     sys.exit(f"error: {args.file}:{n}: {e}")
     if not changes:
         sys.exit("error: give item ids (or --file)")
-    bootstrap, topic = _checked_bootstrap(args), args.topic_prefix + "items"
-    try:
-        n = publish_item_changes(bootstrap, changes, topic)
-    except KafkaError as e:
-        sys.exit(f"error: publishing to {topic} at {bootstrap} failed: {type(e).__name__}: {e}")
-    print(f"published {n} catalogue changes to {topic}", file=sys.stderr)
+    n = _send_or_exit(args, "items", lambda bootstrap, topic: publish_item_changes(bootstrap, changes, topic))
+    print(f"published {n} catalogue changes to {args.topic_prefix}items", file=sys.stderr)
     return 0
 
 
