@@ -668,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if not args.verbose:  # the Kafka clients log every connection at INFO: not what a CLI user reads
+            for name in ("kafka", "aiokafka"):
+                logging.getLogger(name).setLevel(logging.WARNING)
     from encoders.data_check import DataError
 
     try:
