@@ -144,3 +144,20 @@ def test_live_added_items_are_stored_by_key_and_read_back_by_any_version(tiny_ar
     c = Recommender(load_artifact(tiny_artifact), k=100)
     kept = c.process(_events("ux", ["i4"], t0=1.75e9, tag="c", offset=20), {"ux": state}, {})
     assert c.codec.decode([kept.states["ux"]]).recent[0].tolist()[-4:] == raw[-3:] + [c.item_code["i4"]]
+
+
+def test_a_version_masks_the_items_its_nightly_saw_leave_from_the_start(tiny_artifact):
+    """`item_status` in the manifest (streams/batch/nightly.py): deleted and unavailable items are left out by a
+    worker that starts on the version, before it has replayed the items topic."""
+    import copy
+
+    from streams.artifacts import load_artifact
+    from streams.worker.recommender import Recommender
+
+    art = load_artifact(tiny_artifact)
+    art.manifest = copy.deepcopy(art.manifest)
+    art.manifest["item_status"] = {"deleted": ["i3"], "unavailable": ["i4", "not-in-catalogue"]}
+    rec = Recommender(art)
+    assert rec.masked == 2
+    answer = rec.recommend_user("nobody", None, None, k=48)
+    assert {"i3", "i4"}.isdisjoint(i["item_id"] for i in answer["items"]) and len(answer["items"]) == 48

@@ -65,6 +65,11 @@ class Recommender:
         self._keyed: dict[str, int] = {}
         self._key_sorted = np.zeros(0, np.int32)
         self._key_code = np.zeros(0, np.int32)
+        # The catalogue changes the nightly step saw (manifest `item_status`): masked from the start, so a worker
+        # (re)started on this version never recommends them while it replays the `items` topic, whose later
+        # changes (an item back in stock) still apply in order.
+        status = artifact.manifest.get("item_status") or {}
+        self.set_recommendable([*status.get("deleted", ()), *status.get("unavailable", ())], False)
 
     def add_items(self, item_ids: list[str], vectors: np.ndarray) -> None:
         """Append items (codes continue after the last) to the maps, the online model and the index."""
