@@ -152,58 +152,64 @@ def fit(
     total_steps, step = cfg.epochs * n_batches, 0
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     out_of_time = False
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        batches = length_batches(random_windows(seqs, max_len, rng), cfg.batch_size, rng)
-        total, done = 0.0, 0
-        bar = tqdm(batches, desc=f"train {desc} epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
-                   leave=False)
-        for batch in bar:
-            # Progress is steps done or time used, whichever is further: on a slow or busy machine the
-            # schedule still anneals to 0 by `max_minutes` instead of being cut off at a high rate.
-            frac = step / total_steps
-            if budget:
-                frac = max(frac, (time.perf_counter() - start) / budget)
-                if frac >= 1.0:
-                    out_of_time = True
-                    break
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(frac, cfg)
-            loss = batch_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            step += 1
-            total, done = total + loss.item(), done + 1
-            bar.set_postfix(loss=f"{total / done:.3f}")
-        bar.close()
-        if done == 0:  # the time budget ran out before this epoch's first step: nothing new to evaluate
-            break
-        metrics = evaluate()
-        elapsed = time.perf_counter() - start
-        history.append({"epoch": epoch, "loss": total / max(1, done), "valid": metrics, "seconds": elapsed})
-        msg = (f"{desc} epoch {epoch}: loss {total / max(1, done):.4f} valid ndcg@10 {metrics['ndcg@10']:.4f} "
-               f"hr@10 {metrics['hr@10']:.4f} ({elapsed:.0f}s)")
-        log.info(msg)
-        if progress:
-            tqdm.write(msg, file=sys.stderr)  # stdout is for results (`lsti eval --json`)
-        if metrics["ndcg@10"] > best:
-            best, best_state, bad_epochs = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
+    interrupted, done = False, 0
+    try:  # Ctrl-C (SIGINT) ends a long run like a plateau would: the best epoch so far is evaluated
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            batches = length_batches(random_windows(seqs, max_len, rng), cfg.batch_size, rng)
+            total, done = 0.0, 0
+            bar = tqdm(batches, desc=f"train {desc} epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+                       leave=False)
+            for batch in bar:
+                # Progress is steps done or time used, whichever is further: on a slow or busy machine the
+                # schedule still anneals to 0 by `max_minutes` instead of being cut off at a high rate.
+                frac = step / total_steps
+                if budget:
+                    frac = max(frac, (time.perf_counter() - start) / budget)
+                    if frac >= 1.0:
+                        out_of_time = True
+                        break
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(frac, cfg)
+                loss = batch_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                step += 1
+                total, done = total + loss.item(), done + 1
+                bar.set_postfix(loss=f"{total / done:.3f}")
+            bar.close()
+            if done == 0:  # the time budget ran out before this epoch's first step: nothing new to evaluate
                 break
-        if out_of_time:
-            break
+            metrics = evaluate()
+            elapsed = time.perf_counter() - start
+            history.append({"epoch": epoch, "loss": total / max(1, done), "valid": metrics, "seconds": elapsed})
+            msg = (f"{desc} epoch {epoch}: loss {total / max(1, done):.4f} valid ndcg@10 {metrics['ndcg@10']:.4f} "
+                   f"hr@10 {metrics['hr@10']:.4f} ({elapsed:.0f}s)")
+            log.info(msg)
+            if progress:
+                tqdm.write(msg, file=sys.stderr)  # stdout is for results (`lsti eval --json`)
+            if metrics["ndcg@10"] > best:
+                best, best_state, bad_epochs = metrics["ndcg@10"], copy.deepcopy(model.state_dict()), 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:
+                    break
+            if out_of_time:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("training interrupted after %d epochs; keeping the best so far", len(history))
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    stop = ("plateau" if bad_epochs >= cfg.patience else "time cap" if out_of_time or done == 0
-            else "max epochs")
+    stop = ("interrupted" if interrupted else "plateau" if bad_epochs >= cfg.patience
+            else "time cap" if out_of_time or done == 0 else "max epochs")
     info = {"history": history, "best_valid_ndcg@10": best, "train_seconds": time.perf_counter() - start,
             "stop_reason": stop, "patience": cfg.patience,
-            "epochs_run": len(history), "best_epoch": int(np.argmax([h["valid"]["ndcg@10"] for h in history])) + 1}
+            "epochs_run": len(history),
+            "best_epoch": int(np.argmax([h["valid"]["ndcg@10"] for h in history])) + 1 if history else 0}
     return model, info
 
 

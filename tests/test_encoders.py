@@ -61,3 +61,33 @@ def test_eval_cli_prints_one_json_object_with_protocol_seeds_and_cold_items(fixt
         assert key in res
     assert res["cold_items"]["hidden_items"] > 0 and res["cold"]["users"] + res["warm"]["users"] == res["users"]
     assert res["runs"][0]["config"]["aux_weight"] == 0.5
+
+
+def test_ctrl_c_ends_training_like_a_plateau_and_keeps_the_best_epoch():
+    """A long `--converge` run stopped with Ctrl-C still reports: the best epoch so far, stop reason said."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from encoders.split import Sequence
+    from encoders.train import TrainConfig, fit
+
+    seqs = [Sequence(u, np.arange(1, 6), np.ones(5, np.int64), np.arange(5.0)) for u in range(8)]
+    split = SimpleNamespace(train_sequences=lambda: seqs)
+    model = torch.nn.Linear(2, 1)
+    calls = {"n": 0}
+    valid = iter([0.1, 0.3, 0.2])
+
+    def batch_loss(batch):
+        calls["n"] += 1
+        if calls["n"] > 6:  # during the fourth epoch (two batches an epoch)
+            raise KeyboardInterrupt
+        return model(torch.ones(1, 2)).sum() ** 2
+
+    def evaluate():
+        return {"ndcg@10": next(valid), "hr@10": 0.0}
+
+    _, info = fit(model, batch_loss, evaluate, split, 5, TrainConfig(epochs=50, batch_size=4, lr=1e-3,
+                                                                      max_minutes=None), "t", progress=False)
+    assert info["stop_reason"] == "interrupted" and info["epochs_run"] == 3 and info["best_epoch"] == 2
