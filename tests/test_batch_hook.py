@@ -45,6 +45,8 @@ def test_the_internals_the_hook_touches_are_there():
     assert "await self.seek_to_committed()" in inspect.getsource(base.perform_seek)
     thread = faust_aiokafka.AIOKafkaConsumerThread
     assert hasattr(thread, "call_thread") and hasattr(thread, "_ensure_consumer")
+    assert "await self._seek(partition, offset)" in inspect.getsource(base.seek)
+    assert "self._thread.seek(partition, offset)" in inspect.getsource(faust_aiokafka.Consumer._seek)
     assert inspect.iscoroutinefunction(AIOKafkaConsumer.committed)
     assert inspect.isasyncgenfunction(base.getmany)
     assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer

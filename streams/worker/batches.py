@@ -26,8 +26,9 @@ apply a partition's batches with no hole between them.
 Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fails on a change):
 `Consumer.getmany` (replaced for batch topics, same flow/generation/active-partition checks),
 `Consumer._wait_next_records`, `Consumer._read_offset`, `Consumer._add_gap`, `Consumer.ack`,
-`Consumer.seek` and `seek_to_committed` (counted), `Consumer.scheduler` untouched, `App._new_transport`,
-`Transport.Consumer`, `ConsumerMessage`, `AIOKafkaConsumerThread.call_thread` (committed offsets).
+`Consumer.seek` and `seek_to_committed` (counted; `_seek` run on the consumer thread),
+`Consumer.scheduler` untouched, `App._new_transport`, `Transport.Consumer`, `ConsumerMessage`,
+`AIOKafkaConsumerThread.call_thread` (committed offsets, seeks).
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._bump(partition)
         self._sought[partition] = offset
         await super().seek(partition, offset)
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        # Faust calls aiokafka's seek from this loop while the consumer thread fetches: the two threads then
+        # race on the fetcher's records (a KeyError in Fetcher.fetched_records crashed a worker in a CI run
+        # once lanes seek at each generation's start). On the consumer's own thread the seek is atomic to it.
+        thread = self._thread
+        await thread.call_thread(thread._ensure_consumer().seek, partition, offset)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         for tp in self.assignment():
