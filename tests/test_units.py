@@ -158,3 +158,41 @@ def test_artifacts_from_before_the_per_user_gate_still_load():
     text = torch.zeros(6, cfg.text_dim)
     LSTIModel(cfg, text).load_state_dict(LSTIModel(LSTIConfig(n_items=5, dim=8, gate="dim"), text).state_dict())
     assert stored_config(LSTIConfig(n_items=5, dim=8).to_dict()).gate == "user"
+
+
+def _one_output(inc, names, scores, ok, gate, version, now) -> bytes:
+    """The per-event formula the worker used before batched formatting (the contract's reference)."""
+    e = inc.event
+    items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}' for nm, sc, keep in zip(names, scores, ok, strict=True)
+                     if keep)
+    return (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate:.4f},'
+            f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},'
+            f'"event_ts":{e.ts!r}}}').encode()
+
+
+def test_batched_output_formatting_equals_the_per_event_formula(tiny_artifact):
+    """`_format_outputs` fills one %-template for the whole batch: every byte must equal the per-event
+    f-string's, for full rows and rows that ran short, for ids with quotes, %, unicode and newlines."""
+    from streams.artifacts import load_artifact
+    from streams.contracts.events import Event
+    from streams.worker.recommender import Incoming, Recommender
+
+    rec = Recommender(load_artifact(tiny_artifact))
+    users = ["u1", 'q"uote', "pct%s%d", "üñí", "new\nline", "back\\slash", 42]
+    incs = [Incoming(Event(f"e{j}%%", str(u), "i1", "view", 1.6e9 + j / 7), 0, j) for j, u in enumerate(users)]
+    rng = np.random.default_rng(0)
+    n, k = len(incs), 5
+    names = np.array([json.dumps(x) for x in ["a", 'b"', "c%", "d\u00e9", "e"]] * n, dtype=object).reshape(n, k)
+    scores = rng.normal(size=(n, k)).astype(np.float32)
+    scores[0, 0] = -0.0
+    ok = np.ones((n, k), bool)
+    ok[2, 3:] = False
+    ok[5, :] = False
+    gate = rng.random(n).astype(np.float32)
+    version, now = json.dumps('v"1%'), "1700000000.123"
+    got = rec._format_outputs(incs, names, scores, ok, gate, version, now)
+    want = [_one_output(inc, names[j], scores[j], ok[j], gate[j], version, now) for j, inc in enumerate(incs)]
+    assert [u for u, _ in got] == [inc.event.user_id for inc in incs]
+    assert [b for _, b in got] == want
+    for _, b in got:
+        json.loads(b)

@@ -19,6 +19,8 @@ def summarise(path: str, top: int = 25) -> str:
     for prof in d["profiles"]:
         for sample, w in zip(prof["samples"], prof["weights"], strict=True):
             total += w
+            if not sample:  # py-spy records an idle thread's sample with no frames
+                continue
             own[sample[-1]] += w
             for f in set(sample):
                 incl[f] += w

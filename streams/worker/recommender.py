@@ -1,8 +1,8 @@
 """The model object the stream agent wraps: a micro-batch of events in, new states and outputs out.
 
 Pure (no Kafka, no Faust), so unit tests and benchmarks drive it directly. Several events of one
-user in a batch are applied in order, in rounds: round r steps every user's r-th event together,
-so the LSTM math stays batched while each event still gets its own fresh top-K.
+user in a batch are applied in order (one compiled loop over the batch's events, `encoders/lstm_kernel.py`),
+and each event still gets its own fresh top-K from one search for the whole batch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from streams.artifacts import Artifact
 from streams.contracts.events import Event
 from streams.contracts.vectors import decode_vectors
 from streams.worker.state import RECENT, StateBatch, StateCodec, event_id_hash, live_item_key
+
+# json.dumps of a str, without its Python-level dispatch (the same C encoder, ensure_ascii as json.dumps)
+_json_str = json.encoder.encode_basestring_ascii
 
 
 @dataclass
@@ -138,8 +141,8 @@ class Recommender:
         """Apply `batch` (in arrival order) to the users' `states`; `longs` are long-term vectors.
 
         Three passes: (1) admission in plain Python scalars, in order: dedupe, dead letters, gaps,
-        recent items, and each event's round (its rank among its user's events in the batch);
-        (2) the LSTM: input gates of all events in one matmul, then one small recurrent step per round;
+        recent items;
+        (2) the LSTM: every applied event stepped in arrival order into its user's state (one compiled loop);
         (3) one fusion, one index search and the outputs for every answered event.
         """
         res = BatchResult()
@@ -170,9 +173,8 @@ class Recommender:
             rtypes = st.recent_types.tolist()
             rts = (st.last_ts[:, None] - st.recent_ages.astype(np.float64)).tolist()
             ev_rtypes, ev_rts = [], []
-        rounds = [0] * len(users)
         changed = [False] * len(users)
-        ev_r, ev_code, ev_type, ev_gap, ev_first, ev_round, ev_count, ev_recent, ev_inc = ([] for _ in range(9))
+        ev_r, ev_code, ev_type, ev_gap, ev_first, ev_count, ev_recent, ev_inc = ([] for _ in range(8))
         for inc, code, r in valid:
             e = inc.event
             if inc.partition == last_part[r] and inc.offset <= last_off[r]:
@@ -204,8 +206,6 @@ class Recommender:
             ev_r.append(r)
             ev_code.append(code)
             ev_type.append(EVENT_CODE[e.event_type])
-            ev_round.append(rounds[r])
-            rounds[r] += 1
             ev_count.append(count[r])
             ev_recent.append(recent[r])
             ev_inc.append(inc)
@@ -217,20 +217,12 @@ class Recommender:
             st.recent_types[:] = np.array(rtypes, np.uint8).reshape(len(users), RECENT)
             st.recent_ages[:] = (st.last_ts[:, None] - np.array(rts, np.float64).reshape(len(users), RECENT))
 
-        # (2) the LSTM, batched across users, one recurrent step per round
+        # (2) the LSTM: every applied event stepped in arrival order into its user's row (one compiled loop)
         n = len(ev_r)
         rows = np.array(ev_r, dtype=np.int64)
-        h_ev = np.empty((n, self.online.dim), np.float32)
-        if n:
-            zx = self.online.input_gates(np.array(ev_code), np.array(ev_type), np.array(ev_gap), np.array(ev_first))
-            rnd = np.array(ev_round)
-            order = np.argsort(rnd, kind="stable")
-            for ev in np.split(order, np.cumsum(np.bincount(rnd))[:-1]):
-                rr = rows[ev]
-                h, c = self.online.recur(zx[ev], st.h[rr], st.c[rr])
-                st.h[rr], st.c[rr] = h, c
-                h_ev[ev] = h
-            res.applied = n
+        h_ev = self.online.step_events(st.h, st.c, rows, np.array(ev_code, np.int64), np.array(ev_type, np.int64),
+                                       np.array(ev_gap, np.float64), np.array(ev_first, bool))
+        res.applied = n
 
         # (3) fusion, search, outputs
         if n:
@@ -253,14 +245,7 @@ class Recommender:
         version = json.dumps(self.version)
         names = self._item_json[np.maximum(ids, 0)]
         if details is None:
-            for j, inc in enumerate(incs):
-                e = inc.event
-                items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}'
-                                 for nm, sc, ok in zip(names[j], scores[j], ids[j] >= 0, strict=True) if ok)
-                out = (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate[j]:.4f},'
-                       f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},'
-                       f'"event_ts":{e.ts!r}}}')
-                res.outputs.append((e.user_id, out.encode()))
+            res.outputs += self._format_outputs(incs, names, scores, ids >= 0, gate, version, now)
             return
         because = self._because_json(ids, recent, *details)
         for j, inc in enumerate(incs):
@@ -271,6 +256,37 @@ class Recommender:
             out = (f'{{"user_id":{json.dumps(e.user_id)},"items":[{items}],"gate":{gate[j]:.4f},'
                    f'"event_id":{json.dumps(e.event_id)},"model_version":{version},"ts":{now},"event_ts":{e.ts!r}}}')
             res.outputs.append((e.user_id, out.encode()))
+
+    def _format_outputs(self, incs: list[Incoming], names: np.ndarray, scores: np.ndarray, ok: np.ndarray,
+                        gate: np.ndarray, version: str, now: str) -> list[tuple[str, bytes]]:
+        """One recommendation JSON per event, formatted for the whole batch at once: rows with k items share
+        one %-template, filled by a single C-level `%` over every row's values, then split; rows that ran
+        short (a small or masked catalogue) are formatted one by one. Same bytes either way."""
+        n, k = names.shape
+        users = [inc.event.user_id for inc in incs]
+        full = ok.all(axis=1)
+        head = '{"user_id":%s,"items":['
+        tail = f'],"gate":%.4f,"event_id":%s,"model_version":{version.replace("%", "%%")},"ts":{now},"event_ts":%r}}'
+        rows = np.flatnonzero(full)
+        texts: list[str] = [""] * n
+        if rows.size:
+            template = head + ",".join(['{"item_id":%s,"score":%.4f}'] * k) + tail
+            vals = np.empty((rows.size, 2 * k + 4), dtype=object)
+            vals[:, 0] = [_json_str(users[j]) for j in rows]
+            vals[:, 1 : 2 * k + 1 : 2] = names[rows]
+            vals[:, 2 : 2 * k + 2 : 2] = scores[rows].astype(np.float64)
+            vals[:, 2 * k + 1] = gate[rows].astype(np.float64)
+            vals[:, 2 * k + 2] = [_json_str(incs[j].event.event_id) for j in rows]
+            vals[:, 2 * k + 3] = [incs[j].event.ts for j in rows]
+            filled = ("\n".join([template] * rows.size) % tuple(vals.ravel().tolist())).split("\n")
+            for j, text in zip(rows.tolist(), filled, strict=True):
+                texts[j] = text
+        for j in np.flatnonzero(~full).tolist():
+            items = ",".join(f'{{"item_id":{nm},"score":{sc:.4f}}}'
+                             for nm, sc, keep in zip(names[j], scores[j], ok[j], strict=True) if keep)
+            texts[j] = (head % _json_str(users[j]) + items
+                        + tail % (gate[j], _json_str(incs[j].event.event_id), incs[j].event.ts))
+        return list(zip(users, [t.encode() for t in texts], strict=True))
 
     def because(self, ids: np.ndarray, recent: np.ndarray, types: np.ndarray,
                 times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
