@@ -1,6 +1,11 @@
 """Training of the sequence models (LSTI and SASRec): random windows of each user's training events,
 full-softmax loss, warmup + cosine learning rate, model selection on the validation targets only
-(early stopping), the test targets never seen."""
+(early stopping), the test targets never seen.
+
+The defaults are the LSTI recipe. SASRec's reference recipe (pmixer/SASRec.pytorch) differs in the loop
+too, and each difference is a TrainConfig field: `windows="last"` (always each user's last max_len+1
+events instead of a random window), `batches="shuffled"` (a plain permutation cut every batch_size
+instead of length-bucketed batches), `clip=None` (no gradient clipping) and `warmup=0`."""
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ log = logging.getLogger("lsti.train")
 # Base learning rates tuned on ml-1m VALIDATION (warmup + cosine): the LSTM model wants a high rate, the
 # transformer stalls at the popularity plateau with it and keeps the reference's 1e-3.
 DEFAULT_LR = {"lsti": 2e-2, "sasrec": 1e-3}
+WINDOWS = ("random", "last")
+BATCHES = ("bucketed", "shuffled")
 
 
 @dataclass
@@ -42,8 +49,17 @@ class TrainConfig:
     device: str | None = None
     max_minutes: float | None = 14.0
     threads: int | None = None
-    warmup: float = 0.05  # fraction of all steps with a linear warmup
+    warmup: float = 0.05  # fraction of all steps with a linear warmup (0 = none)
     schedule: str = "cosine"  # constant | cosine (decays to 0 over `epochs`)
+    windows: str = "random"  # random (a random window of long users, augmentation) | last (their last events)
+    batches: str = "bucketed"  # bucketed (similar lengths, less padding) | shuffled (a plain permutation)
+    clip: float | None = 5.0  # max gradient norm; None = no clipping
+
+    def __post_init__(self):
+        if self.windows not in WINDOWS:
+            raise ValueError(f"TrainConfig.windows must be one of {WINDOWS}, not {self.windows!r}")
+        if self.batches not in BATCHES:
+            raise ValueError(f"TrainConfig.batches must be one of {BATCHES}, not {self.batches!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +81,10 @@ def pick_device(device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def random_windows(seqs: list[Sequence], max_len: int, rng: np.random.Generator) -> list[Sequence]:
-    """One window of up to max_len+1 events per sequence, ending at a random point (augmentation)."""
+def random_windows(seqs: list[Sequence], max_len: int, rng: np.random.Generator,
+                   last: bool = False) -> list[Sequence]:
+    """One window of up to max_len+1 events per sequence, ending at a random point (augmentation), or with
+    `last` at the sequence's end (the reference SASRec's `train[-201:]`; no random number drawn)."""
     out = []
     for s in seqs:
         n = len(s.items)
@@ -74,7 +92,7 @@ def random_windows(seqs: list[Sequence], max_len: int, rng: np.random.Generator)
         if n <= width:
             out.append(s)
             continue
-        end = int(rng.integers(width, n + 1))
+        end = n if last else int(rng.integers(width, n + 1))
         out.append(Sequence(s.user, s.items[end - width : end], s.etypes[end - width : end], s.ts[end - width : end]))
     return out
 
@@ -92,6 +110,16 @@ def length_batches(windows: list[Sequence], batch_size: int, rng: np.random.Gene
         chunk = sorted(perm[p : p + pool], key=lambda j: len(windows[j].items))
         batches += [[windows[j] for j in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shuffled_batches(windows: list[Sequence], batch_size: int, rng: np.random.Generator) -> list[list[Sequence]]:
+    """A random permutation cut every `batch_size` (the reference's batches: each user once, any lengths)."""
+    perm = rng.permutation(len(windows))
+    return [[windows[j] for j in perm[b : b + batch_size]] for b in range(0, len(perm), batch_size)]
+
+
+def make_batches(windows: list[Sequence], cfg: TrainConfig, rng: np.random.Generator) -> list[list[Sequence]]:
+    return (shuffled_batches if cfg.batches == "shuffled" else length_batches)(windows, cfg.batch_size, rng)
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
@@ -148,7 +176,7 @@ def fit(
     seqs = split.train_sequences()
     best, best_state, bad_epochs, history = -1.0, None, 0, []
     start = time.perf_counter()
-    n_batches = len(length_batches(seqs, cfg.batch_size, np.random.default_rng(0)))
+    n_batches = len(make_batches(seqs, cfg, np.random.default_rng(0)))
     total_steps, step = cfg.epochs * n_batches, 0
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     out_of_time = False
@@ -156,7 +184,7 @@ def fit(
     try:  # Ctrl-C (SIGINT) ends a long run like a plateau would: the best epoch so far is evaluated
         for epoch in range(1, cfg.epochs + 1):
             model.train()
-            batches = length_batches(random_windows(seqs, max_len, rng), cfg.batch_size, rng)
+            batches = make_batches(random_windows(seqs, max_len, rng, cfg.windows == "last"), cfg, rng)
             total, done = 0.0, 0
             bar = tqdm(batches, desc=f"train {desc} epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
                        leave=False)
@@ -174,7 +202,8 @@ def fit(
                 loss = batch_loss(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                if cfg.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 opt.step()
                 step += 1
                 total, done = total + loss.item(), done + 1

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+RECIPES = ("default", "reference")
 
 
 def train_configs(args: argparse.Namespace, seed: int = 0) -> tuple:
-    """(TrainConfig, model options) from the training flags a command was given; unset flags keep defaults."""
+    """(TrainConfig, model options) from the training flags a command was given; unset flags keep defaults.
+
+    `--recipe reference` (SASRec only) starts from pmixer/SASRec.pytorch's recipe (`encoders.sasrec.
+    REFERENCE_MODEL` and `REFERENCE_TRAIN`); flags given explicitly still override it, and `--converge`
+    keeps its stopping rule (its warmup is overridden by the recipe's 0)."""
     from encoders.train import TrainConfig
 
-    given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay",
-                                           "patience", "schedule") if getattr(args, k, None) is not None}
-    model = {k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate", "gate_bias", "id_dropout")
-             if getattr(args, k, None) is not None}
+    given, model = {}, {}
+    if getattr(args, "recipe", None) == "reference":
+        if getattr(args, "model", "sasrec") != "sasrec":
+            sys.exit("error: --recipe reference is SASRec's reference recipe (pmixer/SASRec.pytorch): use it with "
+                     "--model sasrec")
+        from encoders.sasrec import REFERENCE_MODEL, REFERENCE_TRAIN
+
+        given, model = dict(REFERENCE_TRAIN), dict(REFERENCE_MODEL)
+    given.update({k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay",
+                                                "patience", "schedule", "warmup", "windows", "batches")
+                  if getattr(args, k, None) is not None})
+    if getattr(args, "clip", None) is not None:
+        given["clip"] = args.clip if args.clip > 0 else None  # --clip 0: no clipping
+    model.update({k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate", "gate_bias", "id_dropout",
+                                                "norm", "pad") if getattr(args, k, None) is not None})
     if getattr(args, "converge", False):
         return TrainConfig.converge(seed=seed, **given), model
     return TrainConfig(seed=seed, **given), model

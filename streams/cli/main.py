@@ -102,6 +102,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "one per dimension")
     p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (default 3: the gate starts at 0.95, "
                    "near the short-term side)")
+    p.add_argument("--warmup", type=float, metavar="FRAC", help="share of all steps with a linear warmup (default "
+                   "0.05; 0.002 with --converge; 0 = none)")
+    p.add_argument("--windows", choices=("random", "last"), help="training window of users with more than "
+                   "max_len+1 events: a random one each epoch (default) or always the last (SASRec's reference)")
+    p.add_argument("--batches", choices=("bucketed", "shuffled"), help="training batches of similar lengths "
+                   "(default; less padding) or a plain shuffled permutation (SASRec's reference)")
+    p.add_argument("--clip", type=float, metavar="NORM", help="clip the gradient norm at NORM (default 5; 0 = no "
+                   "clipping)")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -542,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_columns(e)
     _add_train(e)
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
+    e.add_argument("--recipe", choices=("default", "reference"), help="sasrec: 'reference' is pmixer/"
+                   "SASRec.pytorch's recipe (post-LN blocks, every sequence padded to 200, hidden 50, batches of "
+                   "128 shuffled users, each user's last 201 events, no gradient clipping, no warmup); other flags "
+                   "given still override it. Default: 'default', the recipe of the published sasrec runs")
+    e.add_argument("--norm", choices=("original", "post"), help="sasrec blocks: 'original' (default; only the "
+                   "attention query layer-normed) or 'post' (post-LN, the reference's norm_first=False)")
+    e.add_argument("--pad", choices=("batch", "fixed"), help="sasrec padding: to the longest sequence of the batch "
+                   "(default) or always to the full width (the reference; scores independent of batch-mates)")
     e.add_argument("--seeds", type=int, default=1, help="seeds to average (default 1)")
     e.add_argument("--first-seed", type=int, default=0, help="seeds run are FIRST..FIRST+SEEDS-1 (default 0)")
     e.add_argument("--artifact", type=Path, help="evaluate this trained artifact instead of training")
