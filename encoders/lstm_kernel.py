@@ -46,7 +46,9 @@ def fast_tanh(x):  # pragma: no cover (compiled)
     return x * p / q
 
 
-@njit(cache=True, nogil=True)
+# Typed up front: compiled (or read from the on-disk cache) at import, not at the first batch.
+@njit("void(float32[:, ::1], int64[::1], float32[:, ::1], float32[:, ::1], float32[:, ::1], float32[:, ::1], "
+      "float32[::1], float32[:, ::1])", cache=True, nogil=True)
 def lstm_events(x, rows, h, c, w_ih, w_hh, b, h_out):  # pragma: no cover (compiled; tests call it through numba)
     """Step event e (features x[e], float32) into user row rows[e] of h and c [U, dim] (float32, updated in
     place) with PyTorch's LSTM cell: z = b + x W_ih + h W_hh, gates i, f, g, o; h_out[e] = the new h."""

@@ -42,6 +42,9 @@ class WorkerSettings:
     k: int = 10
     batch_max: int = 500
     batch_within: float = 0.01
+    # Fetched batches queued ahead of the agent (Faust's stream buffer; a full one pauses fetching). 8 left the
+    # agent waiting for records 15% of a drain, 32 2% (BENCHMARKS.md section 3); 32 x 500 records ~ 3 MB.
+    stream_buffer: int = 32
     web_port: int = 0  # 0: pick a free port
     web_bind: str = "127.0.0.1"  # LSTI_WEB_BIND: 0.0.0.0 to serve other hosts
     web_advertise: str = ""  # LSTI_WEB_ADVERTISE: the host other workers reach this one at (default: see below)
@@ -79,6 +82,7 @@ class WorkerSettings:
             web_bind=env.get("LSTI_WEB_BIND", "127.0.0.1"),
             web_advertise=env.get("LSTI_WEB_ADVERTISE", ""),
             batch_within=float(env.get("LSTI_BATCH_WITHIN", 0.01)),
+            stream_buffer=int(env.get("LSTI_STREAM_BUFFER", 32)),
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
             producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 0)),

@@ -110,9 +110,9 @@ def create_app(s: WorkerSettings) -> faust.App:
         broker_max_poll_records=s.batch_max,
         producer_linger_ms=s.producer_linger_ms,
         producer_max_batch_size=512 * 1024,
-        # Each queued message is a whole fetched batch: a short queue bounds memory and hands
-        # backpressure to Faust's buffer-full pause of the partition.
-        stream_buffer_maxsize=8,
+        # Each queued message is a whole fetched batch: the queue bounds memory and hands backpressure to
+        # Faust's buffer-full pause of the partition; long enough that the agent rarely waits for a fetch.
+        stream_buffer_maxsize=s.stream_buffer,
         web_port=s.web_port,
         web_bind=s.web_bind,
         web_host=s.web_bind,
@@ -239,7 +239,9 @@ def create_app(s: WorkerSettings) -> faust.App:
         if start is None:
             return
         recommender = live.recommender  # one model version per batch; swaps happen in between
+        t0 = time.perf_counter()
         incs, bad = parse_records(records)
+        t1 = time.perf_counter()
         users = list(dict.fromkeys(inc.event.user_id for inc in incs))
         keys = [u.encode() for u in users]
         overlay = pending.setdefault(part, {})
@@ -247,7 +249,10 @@ def create_app(s: WorkerSettings) -> faust.App:
         # The newer of the two (a recovery after a rebalance may have brought a newer one than ours in flight).
         states = {u: max(overlay.get(k), v, key=event_offset) for u, k, v in zip(users, keys, stored, strict=True)}
         longs = dict(zip(users, long.get_many(part, keys), strict=True)) if keys else {}
+        t2 = time.perf_counter()
         res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
+        metrics.parse_seconds += t1 - t0
+        metrics.model_seconds += time.perf_counter() - t2
         if msg.generation_id != app.consumer_generation_id:
             return  # a rebalance happened meanwhile: the partition's new owner applies these events
         event_lanes.applied(msg)
@@ -262,7 +267,9 @@ def create_app(s: WorkerSettings) -> faust.App:
         if prev is not None and prev.done():
             prev = None
         if prev is not None and depth.get(part, 0) >= 2:
+            t3 = time.perf_counter()
             await asyncio.shield(prev)  # backpressure: at most two batches of a partition in flight
+            metrics.held_seconds += time.perf_counter() - t3
             prev = None
         depth[part] = 1 if prev is None else depth.get(part, 0) + 1
         finishing[part] = asyncio.ensure_future(finish(event, start, prev, sent, new_states))
@@ -277,7 +284,9 @@ def create_app(s: WorkerSettings) -> faust.App:
 
     @app.agent(events)
     async def recommend(stream):
+        idle_since = time.perf_counter()
         async for event in stream.noack().events():
+            metrics.starved_seconds += time.perf_counter() - idle_since
             stall.batch_started = time.monotonic()
             try:
                 async with partition_locks.setdefault(event.message.partition, asyncio.Lock()):
@@ -285,6 +294,7 @@ def create_app(s: WorkerSettings) -> faust.App:
             except Exception:
                 stop_worker(event.message)
             stall.batch_started = None
+            idle_since = time.perf_counter()
             if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:
                 stall.inject_stop_fetch(app)
 

@@ -29,10 +29,14 @@ class Metrics:
         self.stalls = 0  # times the stall watch found events waiting and none consumed
         self.busy_seconds = 0.0  # in the agent, per batch: parse, model, sends and their delivery, state write
         self.wait_seconds = 0.0  # of which waiting for Kafka to confirm answers and state records
+        self.parse_seconds = 0.0  # parsing and validating events
+        self.model_seconds = 0.0  # in the model (`Recommender.process`): admission, LSTM, search, answers
+        self.held_seconds = 0.0  # the agent held back: a partition's earlier batches still being delivered
+        self.starved_seconds = 0.0  # the agent waiting for its next batch (nothing fetched yet)
         self.hist = np.zeros(len(BUCKETS_MS), np.int64)
         self.lag_ms_sum = 0.0
         self.started = time.time()
-        self._last_report = (time.time(), 0)
+        self._last_report = (time.time(), 0, time.process_time(), 0.0, 0.0, 0.0, 0.0)
 
     def observe_batch(self, timestamps_ms: list, seconds: float) -> None:
         """Count a batch; latency = now - broker append time of each message (`timestamps_ms`)."""
@@ -49,16 +53,26 @@ class Metrics:
                 "long_term_loaded": self.long_term_loaded, "stalls": self.stalls, "rereads": self.rereads,
                 "http_requests": self.http_requests, "forgotten": self.forgotten,
                 "busy_seconds": round(self.busy_seconds, 3),
-                "wait_seconds": round(self.wait_seconds, 3), "counted_since": self.started}
+                "wait_seconds": round(self.wait_seconds, 3), "parse_seconds": round(self.parse_seconds, 3),
+                "model_seconds": round(self.model_seconds, 3), "held_seconds": round(self.held_seconds, 3),
+                "starved_seconds": round(self.starved_seconds, 3), "counted_since": self.started}
 
     def log_progress(self, log: logging.Logger) -> None:
-        t, n = self._last_report
-        now = time.time()
+        """Since the last line: events/s, the process's CPU use (all threads; 100% = one core), the
+        microseconds per event spent parsing and in the model, and the shares of the time the agent was held
+        back by deliveries in flight or starved of records: a slow worker says where its time went."""
+        t, n, cpu, parse, model, held, starved = self._last_report
+        now, cpu_now = time.time(), time.process_time()
         if self.consumed != n:
-            log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches",
-                     self.consumed, (self.consumed - n) / max(1e-9, now - t), self.applied, self.duplicates,
-                     self.dead_lettered, self.batches)
-        self._last_report = (now, self.consumed)
+            per, span = 1e6 / (self.consumed - n), max(1e-9, now - t)
+            log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches; cpu %.0f%%, "
+                     "parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%", self.consumed,
+                     (self.consumed - n) / span, self.applied, self.duplicates, self.dead_lettered,
+                     self.batches, 100.0 * (cpu_now - cpu) / span, (self.parse_seconds - parse) * per,
+                     (self.model_seconds - model) * per, 100.0 * (self.held_seconds - held) / span,
+                     100.0 * (self.starved_seconds - starved) / span)
+        self._last_report = (now, self.consumed, cpu_now, self.parse_seconds, self.model_seconds, self.held_seconds,
+                             self.starved_seconds)
 
     def prometheus(self) -> str:
         lines = []
