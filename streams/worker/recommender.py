@@ -23,7 +23,7 @@ from streams.worker.state import RECENT, StateBatch, StateCodec, event_id_hash, 
 _json_str = json.encoder.encode_basestring_ascii
 
 
-@dataclass
+@dataclass(slots=True)
 class Incoming:
     """A valid event with where it came from (for dedupe and dead letters)."""
 
