@@ -28,7 +28,8 @@ Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fail
 `Consumer._wait_next_records`, `Consumer._read_offset`, `Consumer._add_gap`, `Consumer.ack`,
 `Consumer.seek` and `seek_to_committed` (counted; `_seek` run on the consumer thread),
 `Consumer.scheduler` untouched, `App._new_transport`, `Transport.Consumer`, `ConsumerMessage`,
-`AIOKafkaConsumerThread.call_thread` (committed offsets, seeks).
+`AIOKafkaConsumerThread.call_thread` (committed offsets, seeks), `Consumer._new_consumer_thread` and
+`AIOKafkaConsumerThread._create_worker_consumer` (the fetch wait: aiokafka's `AIOKafkaConsumer._fetch_max_wait_ms`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
 PINNED_FAUST = "0.15.3"
+# Faust builds its aiokafka consumer with fetch_max_wait_ms=1500. aiokafka sends one fetch at a time per broker,
+# for the partitions that hold no buffered records: while the events partitions' records wait to be handed
+# out, the fetch in flight covers only quiet partitions (long-term, forget), and the broker holds it the full
+# wait. Events arriving meanwhile waited for it: 1.16 s on average at 2,500 events/s (BENCHMARKS.md
+# section 3; 0.56 s with 20 ms, 0.31 s with 5 ms). A short wait bounds that delay; an idle worker then sends
+# ~100 empty fetches per second.
+FETCH_MAX_WAIT_MS = 10
 
 
 class BatchMessage(ConsumerMessage):
@@ -72,6 +80,15 @@ def batch_message(tp: TP, records: list, generation_id: int, seq: int = 0) -> Ba
     return msg
 
 
+class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, its worker consumer built with a short fetch wait (`FETCH_MAX_WAIT_MS`)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by AIOKafkaConsumer.start() to build its Fetcher
+        return consumer
+
+
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer, yielding one `BatchMessage` per partition for the app's batch topics.
 
@@ -85,6 +102,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._seq: dict[TP, int] = {}
         self._sought: dict[TP, int] = {}  # the target of the last seek, per partition
         self._handed_out = 0  # records handed out, for the fault injection of tests
+
+    def _new_consumer_thread(self) -> BatchConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def seq(self, tp: TP) -> int:
         return self._seq.get(tp, 0)
