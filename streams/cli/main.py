@@ -656,6 +656,7 @@ DELEGATED_BENCHES = {
     "index": ("streams.bench.index", "FAISS Flat vs IVF vs HNSW: recall@10, QPS, build time"),
     "state": ("streams.bench.state", "state bytes per user, RocksDB size, fp16 vs fp32 quality"),
     "http": ("streams.bench.http", "on-demand recommendations over HTTP: requests/s, p50/p99, routed requests"),
+    "model": ("streams.bench.model", "the model path alone per batch size, and the item search per backend"),
 }
 
 

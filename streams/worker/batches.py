@@ -47,8 +47,8 @@ PINNED_FAUST = "0.15.3"
 # for the partitions that hold no buffered records: while the events partitions' records wait to be handed
 # out, the fetch in flight covers only quiet partitions (long-term, forget), and the broker holds it the full
 # wait. Events arriving meanwhile waited for it: p50 latency 1.16 s at 2,500 events/s (BENCHMARKS.md
-# section 3; 0.56 s with a 20 ms wait, 0.31 s with 5 ms, one run each). A short wait bounds that delay; an idle worker then sends
-# ~100 empty fetches per second.
+# section 3; 0.56 s with a 20 ms wait, 0.31 s with 5 ms, one run each). A short wait bounds that delay; an
+# idle worker then sends ~100 empty fetches per second.
 FETCH_MAX_WAIT_MS = 10
 
 
