@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from encoders.data import EVENT_CODE, Interactions
+from encoders.gru4rec import GRU4Rec, GRU4RecConfig
 from encoders.itemknn import ItemKNN, ItemKNNConfig
 from encoders.metrics import TOP_K, beyond_accuracy, ranks_and_top_k, summarize
 from encoders.model import MODES, LSTIConfig, LSTIModel
@@ -23,7 +24,7 @@ from encoders.sasrec import SASRec, SASRecConfig
 from encoders.split import EvalCase, LeaveOneOut, Sequence
 from encoders.train import TrainConfig, evaluate_lsti, fit, lsti_scores, pick_device, train_lsti
 
-MODELS = ("pop", "itemknn", "short", "long", "fused", "sasrec")
+MODELS = ("pop", "itemknn", "short", "long", "fused", "sasrec", "gru4rec")
 
 PROTOCOL = {
     "split": "leave-one-out by time (last event = test, second last = validation, rest = training)",
@@ -134,6 +135,28 @@ def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
     return model, info
 
 
+def train_gru4rec(split: LeaveOneOut, model_cfg: GRU4RecConfig, cfg: TrainConfig,
+                  progress: bool = True) -> tuple[GRU4Rec, dict]:
+    """GRU4Rec through the same loop as LSTI and SASRec; scored and ranked by the SASRec functions."""
+    cfg = cfg.resolved("gru4rec")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model = GRU4Rec(model_cfg)
+    model.hidden_items = torch.from_numpy(split.hidden_items)
+    model = model.to(device)
+    valid = split.cases("valid")
+
+    def batch_loss(batch: list[Sequence]) -> torch.Tensor:
+        return model.batch_loss(batch, device)
+
+    model, info = fit(model, batch_loss, lambda: evaluate_sasrec(model, valid, device), split, model_cfg.max_len,
+                      cfg, "gru4rec", progress)
+    info.update(device=device, lr=cfg.lr)
+    return model, info
+
+
 def text_vectors_for(data: Interactions, progress: bool = True) -> np.ndarray:
     """BERT vectors of all item texts, row 0 = padding."""
     from encoders.text import TextEncoder
@@ -200,11 +223,12 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
                 "valid": evaluate_static(knn.scores, valid),
                 "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict(),
                 "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
-    if name == "sasrec":
-        scfg = SASRecConfig(n_items=split.data.n_items, **_known(SASRecConfig, model_cfg))
+    if name in ("sasrec", "gru4rec"):
+        config_cls, train = (SASRecConfig, train_sasrec) if name == "sasrec" else (GRU4RecConfig, train_gru4rec)
+        scfg = config_cls(n_items=split.data.n_items, **_known(config_cls, model_cfg))
         tcfg = copy.copy(train_cfg or TrainConfig())
         tcfg.seed = seed
-        smodel, info = train_sasrec(split, scfg, tcfg, progress)
+        smodel, info = train(split, scfg, tcfg, progress)
         device = pick_device(tcfg.device)
         ranks, lists = sasrec_ranks_top_k(smodel, test, device)
         return {**test_report(split, test, ranks),

@@ -31,7 +31,7 @@ log = logging.getLogger("lsti.train")
 
 # Base learning rates tuned on ml-1m VALIDATION (warmup + cosine): the LSTM model wants a high rate, the
 # transformer stalls at the popularity plateau with it and keeps the reference's 1e-3.
-DEFAULT_LR = {"lsti": 2e-2, "sasrec": 1e-3}
+DEFAULT_LR = {"lsti": 2e-2, "sasrec": 1e-3, "gru4rec": 1e-3}
 WINDOWS = ("random", "last")
 BATCHES = ("bucketed", "shuffled")
 

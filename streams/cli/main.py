@@ -89,9 +89,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--converge", action="store_true", help="train to convergence by one rule for every model: "
                    "constant rate, stop after 20 epochs without a better validation NDCG@10, 4-hour cap; the "
                    "result's train_info says the epochs run and the stop reason (other flags still apply)")
-    p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec)")
+    p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec and "
+                   "gru4rec)")
     p.add_argument("--batch-size", type=int, help="default 64")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec and GRU4Rec)")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dropout", type=float, help="dropout (default 0.2)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
@@ -549,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(e)
     _add_columns(e)
     _add_train(e)
-    e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec"])
+    e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec",
+                                                       "gru4rec"])
     e.add_argument("--recipe", choices=("default", "reference"), help="sasrec: 'reference' is pmixer/"
                    "SASRec.pytorch's recipe (post-LN blocks, every sequence padded to 200, hidden 50, batches of "
                    "128 shuffled users, each user's last 201 events, no gradient clipping, no warmup); other flags "

@@ -1,0 +1,88 @@
+"""GRU4Rec (Hidasi et al., ICLR 2016), the recurrent baseline, trained with full-softmax cross-entropy.
+
+The recipe: item embedding -> dropout -> `n_layers` GRU layers -> dropout -> logits = output . item
+embedding (weight tying), the cross-entropy loss over all items as in Hidasi & Karatzoglou (CIKM 2018,
+"Recurrent neural networks with top-k gains") and the later "GRU4Rec with full softmax" comparisons
+(e.g. Petrov & Macdonald 2022). Sequences are LEFT-padded with `encoders.sasrec.left_pad`, as SASRec's,
+so the newest event always sits at the last position; a GRU then reads the pads first, which is harmless
+because their embedding is the zero vector (padding_idx 0) and only moves the start state through the GRU
+biases (how far depends on the number of pads, i.e. on the batch's longest history, as SASRec's pad keys).
+
+Our choices, not the paper's: an item embedding layer instead of one-hot inputs, tied input/output
+embeddings, no session-parallel mini-batches (users' windows go through the same training loop, windows,
+optimiser, schedule and early stopping as LSTI and SASRec), the loss on every real position of a window
+(next-item targets, like SASRec's) instead of the last one only, and the loop's AdamW at lr 1e-3 (`DEFAULT_LR`).
+As for SASRec, the loss is full-softmax cross-entropy over all items so the comparison measures the
+sequence encoder and not the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from encoders.sasrec import left_pad
+from encoders.split import Sequence
+
+
+@dataclass
+class GRU4RecConfig:
+    n_items: int
+    dim: int = 64
+    n_layers: int = 1
+    dropout: float = 0.2  # on the embeddings and on the GRU output
+    max_len: int = 200
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GRU4Rec(nn.Module):
+    """A GRU over the item sequence; the last position's output scores the next item."""
+
+    def __init__(self, cfg: GRU4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(d, d, num_layers=cfg.n_layers, batch_first=True)
+        self.out_drop = nn.Dropout(cfg.dropout)
+        nn.init.xavier_normal_(self.item_emb.weight)
+        # Items hidden from training (cold start) are left out of the softmax, as in LSTIModel and SASRec.
+        self.register_buffer("hidden_items", torch.zeros(0, dtype=torch.long), persistent=False)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def item_vectors(self) -> Tensor:
+        """[n_items+1, dim]: the tied output embeddings."""
+        return self.item_emb.weight
+
+    def encode(self, items: Tensor) -> Tensor:
+        """Hidden state after every position of left-padded sequences [B, L] -> [B, L, dim]."""
+        out, _ = self.gru(self.emb_drop(self.item_emb(items)))
+        return self.out_drop(out)
+
+    def loss(self, items: Tensor) -> Tensor:
+        """Full-softmax cross-entropy of the next item at every real position."""
+        inp, target = items[:, :-1], items[:, 1:]
+        valid = (inp > 0) & (target > 0)
+        h = self.encode(inp)[valid]
+        logits = h @ self.item_vectors().T
+        logits[:, 0] = -1e9
+        if len(self.hidden_items):
+            logits[:, self.hidden_items] = -1e9
+        return nn.functional.cross_entropy(logits, target[valid])
+
+    def batch_loss(self, seqs: list[Sequence], device: str) -> Tensor:
+        return self.loss(left_pad(seqs, self.cfg.max_len + 1, device))
+
+    @torch.no_grad()
+    def scores(self, histories: list[Sequence], device: str) -> Tensor:
+        """[B, n_items+1] next-item scores from each history's last `max_len` items; padding item 0 is -inf."""
+        h = self.encode(left_pad(histories, self.cfg.max_len, device))[:, -1]
+        s = h @ self.item_vectors().T
+        s[:, 0] = -torch.inf
+        return s
