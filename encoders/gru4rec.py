@@ -4,9 +4,8 @@ The recipe: item embedding -> dropout -> `n_layers` GRU layers -> dropout -> log
 embedding (weight tying), the cross-entropy loss over all items as in Hidasi & Karatzoglou (CIKM 2018,
 "Recurrent neural networks with top-k gains") and the later "GRU4Rec with full softmax" comparisons
 (e.g. Petrov & Macdonald 2022). Sequences are LEFT-padded with `encoders.sasrec.left_pad`, as SASRec's,
-so the newest event always sits at the last position; a GRU then reads the pads first, which is harmless
-because their embedding is the zero vector (padding_idx 0) and only moves the start state through the GRU
-biases (how far depends on the number of pads, i.e. on the batch's longest history, as SASRec's pad keys).
+so the newest event always sits at the last position; `encode` packs the sequences so the GRU never reads
+a pad, and a user's states do not depend on the batch's other histories.
 
 Our choices, not the paper's: an item embedding layer instead of one-hot inputs, tied input/output
 embeddings, no session-parallel mini-batches (users' windows go through the same training loop, windows,
@@ -61,8 +60,22 @@ class GRU4Rec(nn.Module):
         return self.item_emb.weight
 
     def encode(self, items: Tensor) -> Tensor:
-        """Hidden state after every position of left-padded sequences [B, L] -> [B, L, dim]."""
-        out, _ = self.gru(self.emb_drop(self.item_emb(items)))
+        """Hidden state after every position of left-padded sequences [B, L] -> [B, L, dim] (zeros at pads).
+
+        The GRU never reads the pads: each row is rotated so its items come first, packed by length, run,
+        and rotated back. So a user's states do not depend on how many pads the batch's longest history
+        put in front of them (a GRU reading zero pad embeddings would still move through its biases)."""
+        b, length = items.shape
+        n = (items > 0).sum(1)
+        pos = torch.arange(length, device=items.device)
+        idx = (pos[None, :] + (length - n)[:, None]) % length  # right-aligned -> left-aligned positions
+        first = items.gather(1, idx)  # each row's items first, then its pads
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb_drop(self.item_emb(first)), n.clamp(min=1).cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=length)
+        back = (pos[None, :] - (length - n)[:, None]) % length
+        out = out.gather(1, back[:, :, None].expand(-1, -1, out.shape[2])) * (items > 0)[:, :, None]
         return self.out_drop(out)
 
     def loss(self, items: Tensor) -> Tensor:

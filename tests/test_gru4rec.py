@@ -85,3 +85,17 @@ def test_trains_through_run_model():
     assert out["test"]["users"] == out["valid"]["users"] == 12
     assert 0.0 <= out["test"]["ndcg@10"] <= 1.0 and out["epochs"] == 1 and out["lr"] == 1e-3
     assert out["config"] == GRU4RecConfig(n_items=N_ITEMS, dim=8, max_len=6).to_dict()
+
+
+def test_gru4rec_scores_do_not_depend_on_batch_mates():
+    """Packed: a short history scored alone or beside a long one gives the same scores (pads never read)."""
+    import torch
+
+    from encoders.gru4rec import GRU4Rec, GRU4RecConfig
+
+    torch.manual_seed(0)
+    model = GRU4Rec(GRU4RecConfig(n_items=30, dim=8, max_len=20, dropout=0.0)).eval()
+    short, long = _seq(0, [3, 5, 7]), _seq(1, list(range(1, 25)))
+    alone = model.scores([short], "cpu")
+    beside = model.scores([short, long], "cpu")
+    torch.testing.assert_close(alone[0], beside[0])
