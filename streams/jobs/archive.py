@@ -256,7 +256,14 @@ class Archiver:
             enable_auto_commit=False, auto_offset_reset="earliest", allow_auto_create_topics=False,
             session_timeout_ms=timeout_ms, heartbeat_interval_ms=max(100, timeout_ms // 3),
             max_poll_records=min(self.file_events, 10_000), fetch_max_wait_ms=200,
+            # A topic created just before: the group's first assignment may be computed from metadata that
+            # lacks it (an empty assignment, seen in a CI run), and kafka-python rejoins only when a metadata
+            # refresh shows the topic, by default after 5 minutes.
+            metadata_max_age_ms=5000,
             **kafka_python_security_from_env())
+        deadline = time.monotonic() + 30.0
+        while not self.consumer.partitions_for_topic(self.topic) and time.monotonic() < deadline:
+            time.sleep(0.5)  # its metadata first, so the first assignment covers it
         self.consumer.subscribe([self.topic], listener=self._listener())
         log.info("archive of %s (group %s) into %s", self.topic, self.group, self.out)
         last_record = started = time.monotonic()
