@@ -123,9 +123,10 @@ def _repaired(kafka: str, app_id: str, artifact_path) -> int:
 
 
 def assert_exactly_once(online: dict, offline: dict) -> None:
-    """Exact: how many events each state holds, the last 10 event-id hashes and item codes, the last event
-    time. h and c: float32 sums taken over batches of other shapes differ in the last bits (BLAS blocking),
-    so within 2e-5; a lost or repeated event moves them by orders of magnitude more (and the count)."""
+    """Exact, bit for bit: how many events each state holds, the last 10 event-id hashes and item codes, the
+    last event time, and h and c (the LSTM kernel steps each event from its own inputs and its user's
+    previous state in one fixed order, so the worker's batches and the one-at-a-time reference agree to the
+    last bit: `tests/test_units.py::test_states_are_bit_identical_however_events_are_batched`)."""
     assert set(online) == set(offline)
     lost = {u: (offline[u]["count"], online[u]["count"]) for u in offline if online[u]["count"] < offline[u]["count"]}
     twice = {u: (offline[u]["count"], online[u]["count"]) for u in offline if online[u]["count"] > offline[u]["count"]}
@@ -135,8 +136,8 @@ def assert_exactly_once(online: dict, offline: dict) -> None:
         got = online[u]
         assert (got["recent_ids"], got["recent"], got["last_ts"]) == (want["recent_ids"], want["recent"],
                                                                      want["last_ts"]), u
-        np.testing.assert_allclose(got["h"], want["h"], atol=2e-5, err_msg=u)
-        np.testing.assert_allclose(got["c"], want["c"], atol=2e-5, err_msg=u)
+        np.testing.assert_array_equal(got["h"], want["h"], err_msg=u)
+        np.testing.assert_array_equal(got["c"], want["c"], err_msg=u)
 
 
 def health(port: int) -> dict:
