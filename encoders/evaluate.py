@@ -113,15 +113,19 @@ def test_report(split: LeaveOneOut, cases: list[EvalCase], ranks: np.ndarray) ->
     return out
 
 
-def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
-                 progress: bool = True) -> tuple[SASRec, dict]:
-    """SASRec through the same loop as LSTI: same windows, optimiser, schedule, early stopping."""
-    cfg = cfg.resolved("sasrec")
+SEQUENCE_MODELS = {"sasrec": (SASRecConfig, SASRec), "gru4rec": (GRU4RecConfig, GRU4Rec)}
+
+
+def train_sequence(name: str, split: LeaveOneOut, model_cfg: SASRecConfig | GRU4RecConfig, cfg: TrainConfig,
+                   progress: bool = True) -> tuple[SASRec | GRU4Rec, dict]:
+    """A sequence baseline (`SEQUENCE_MODELS`) through the same loop as LSTI: same windows, optimiser,
+    schedule, early stopping; scored and ranked by the SASRec functions (they only call `scores`)."""
+    cfg = cfg.resolved(name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    model = SASRec(model_cfg)
+    model = SEQUENCE_MODELS[name][1](model_cfg)
     model.hidden_items = torch.from_numpy(split.hidden_items)
     model = model.to(device)
     valid = split.cases("valid")
@@ -130,29 +134,7 @@ def train_sasrec(split: LeaveOneOut, model_cfg: SASRecConfig, cfg: TrainConfig,
         return model.batch_loss(batch, device)
 
     model, info = fit(model, batch_loss, lambda: evaluate_sasrec(model, valid, device), split, model_cfg.max_len,
-                      cfg, "sasrec", progress)
-    info.update(device=device, lr=cfg.lr)
-    return model, info
-
-
-def train_gru4rec(split: LeaveOneOut, model_cfg: GRU4RecConfig, cfg: TrainConfig,
-                  progress: bool = True) -> tuple[GRU4Rec, dict]:
-    """GRU4Rec through the same loop as LSTI and SASRec; scored and ranked by the SASRec functions."""
-    cfg = cfg.resolved("gru4rec")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    model = GRU4Rec(model_cfg)
-    model.hidden_items = torch.from_numpy(split.hidden_items)
-    model = model.to(device)
-    valid = split.cases("valid")
-
-    def batch_loss(batch: list[Sequence]) -> torch.Tensor:
-        return model.batch_loss(batch, device)
-
-    model, info = fit(model, batch_loss, lambda: evaluate_sasrec(model, valid, device), split, model_cfg.max_len,
-                      cfg, "gru4rec", progress)
+                      cfg, name, progress)
     info.update(device=device, lr=cfg.lr)
     return model, info
 
@@ -223,12 +205,12 @@ def run_model(name: str, split: LeaveOneOut, seed: int = 0, train_cfg: TrainConf
                 "valid": evaluate_static(knn.scores, valid),
                 "train_seconds": time.perf_counter() - start, "config": knn.cfg.to_dict(),
                 "beyond_accuracy": beyond_accuracy_report(split, test, lists, text_vectors, progress)}
-    if name in ("sasrec", "gru4rec"):
-        config_cls, train = (SASRecConfig, train_sasrec) if name == "sasrec" else (GRU4RecConfig, train_gru4rec)
+    if name in SEQUENCE_MODELS:
+        config_cls = SEQUENCE_MODELS[name][0]
         scfg = config_cls(n_items=split.data.n_items, **_known(config_cls, model_cfg))
         tcfg = copy.copy(train_cfg or TrainConfig())
         tcfg.seed = seed
-        smodel, info = train(split, scfg, tcfg, progress)
+        smodel, info = train_sequence(name, split, scfg, tcfg, progress)
         device = pick_device(tcfg.device)
         ranks, lists = sasrec_ranks_top_k(smodel, test, device)
         return {**test_report(split, test, ranks),

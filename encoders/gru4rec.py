@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from encoders.sasrec import left_pad
+from encoders.sasrec import left_pad, next_item_loss
 from encoders.split import Sequence
 
 
@@ -79,15 +79,7 @@ class GRU4Rec(nn.Module):
         return self.out_drop(out)
 
     def loss(self, items: Tensor) -> Tensor:
-        """Full-softmax cross-entropy of the next item at every real position."""
-        inp, target = items[:, :-1], items[:, 1:]
-        valid = (inp > 0) & (target > 0)
-        h = self.encode(inp)[valid]
-        logits = h @ self.item_vectors().T
-        logits[:, 0] = -1e9
-        if len(self.hidden_items):
-            logits[:, self.hidden_items] = -1e9
-        return nn.functional.cross_entropy(logits, target[valid])
+        return next_item_loss(self, items)
 
     def batch_loss(self, seqs: list[Sequence], device: str) -> Tensor:
         return self.loss(left_pad(seqs, self.cfg.max_len + 1, device))

@@ -70,6 +70,19 @@ REFERENCE_TRAIN = {"windows": "last", "batches": "shuffled", "clip": None, "warm
                    "lr": 1e-3}
 
 
+def next_item_loss(model: nn.Module, items: Tensor) -> Tensor:
+    """Full-softmax cross-entropy of the next item at every real position of left-padded windows [B, L]
+    (padding and `model.hidden_items` never a class), for any model with `encode` and `item_vectors`."""
+    inp, target = items[:, :-1], items[:, 1:]
+    valid = (inp > 0) & (target > 0)
+    h = model.encode(inp)[valid]
+    logits = h @ model.item_vectors().T
+    logits[:, 0] = -1e9
+    if len(model.hidden_items):
+        logits[:, model.hidden_items] = -1e9
+    return nn.functional.cross_entropy(logits, target[valid])
+
+
 def left_pad(seqs: list[Sequence], max_len: int, device: str = "cpu", width: int | None = None) -> Tensor:
     """[B, width] item codes, each sequence's last `max_len` items aligned to the right (0 = padding).
 
@@ -154,15 +167,7 @@ class SASRec(nn.Module):
         return self.last_norm(x)
 
     def loss(self, items: Tensor) -> Tensor:
-        """Full-softmax cross-entropy of the next item at every real position."""
-        inp, target = items[:, :-1], items[:, 1:]
-        valid = (inp > 0) & (target > 0)
-        h = self.encode(inp)[valid]
-        logits = h @ self.item_vectors().T
-        logits[:, 0] = -1e9
-        if len(self.hidden_items):
-            logits[:, self.hidden_items] = -1e9
-        return nn.functional.cross_entropy(logits, target[valid])
+        return next_item_loss(self, items)
 
     def batch_loss(self, seqs: list[Sequence], device: str) -> Tensor:
         width = self.cfg.max_len + 1
