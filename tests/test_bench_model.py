@@ -1,6 +1,7 @@
 """`lsti bench model` runs end to end on a tiny workload and reports what BENCHMARKS.md quotes."""
 
-from streams.bench.model import _batches, run
+from streams.bench.model import run
+from streams.bench.stream import parsed_batches
 
 
 def test_bench_model_reports_process_and_search_per_batch_size(tmp_path, monkeypatch):
@@ -15,7 +16,7 @@ def test_batches_keep_one_partition_per_batch_and_every_event_once():
     from streams.bench.stream import _messages, zipf_stream
 
     msgs = list(_messages(*zipf_stream(300, 40, 50), 0, ts=1_700_000_000.0))
-    batches = _batches(msgs, 4, 7, 0)
+    batches = parsed_batches(msgs, 7, 4)
     assert all(len({i.partition for i in b}) == 1 and len(b) <= 7 for b in batches)
     assert sorted(i.event.event_id for b in batches for i in b) == sorted(
         __import__("json").loads(v)["event_id"] for _, v in msgs)

@@ -16,44 +16,23 @@ import json
 import os
 import platform
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from streams.bench.stream import _load, _messages, synthetic_artifact, zipf_stream
+from streams.bench.stream import _load, _messages, parsed_batches, replay, synthetic_artifact, zipf_stream
 from streams.config import state_home
-
-
-def _batches(msgs: list, partitions: int, size: int, cap: int) -> list:
-    from streams.contracts.events import parse_event
-    from streams.worker.recommender import Incoming
-
-    streams: list[list] = [[] for _ in range(max(1, partitions))]
-    for k, v in msgs:
-        streams[zlib.crc32(k) % len(streams) if partitions else 0].append((k, v))
-    out = []
-    for p, recs in enumerate(streams):
-        out += [[Incoming(parse_event(v, k), p, b + j, v, k) for j, (k, v) in enumerate(recs[b : b + size])]
-                for b in range(0, len(recs), size)]
-    return out[:cap] if cap else out
 
 
 def time_process(art_path: Path, msgs: list, partitions: int, size: int, repeat: int, cap: int = 0) -> dict:
     from streams.artifacts import load_artifact
     from streams.worker.recommender import Recommender
 
-    batches = _batches(msgs, partitions, size, cap)
+    batches = parsed_batches(msgs, size, partitions)
+    batches = batches[:cap] if cap else batches
     n = sum(map(len, batches))
-    passes = []
-    for _ in range(repeat):
-        rec = Recommender(load_artifact(art_path, index_threads=1))
-        states: dict = {}
-        t0 = time.perf_counter()
-        for incs in batches:
-            res = rec.process(incs, {i.event.user_id: states.get(i.event.user_id) for i in incs}, {})
-            states.update(res.states)
-        passes.append(round((time.perf_counter() - t0) / n * 1e6, 1))
+    passes = [round(replay(Recommender(load_artifact(art_path, index_threads=1)), batches) / n * 1e6, 1)
+              for _ in range(repeat)]
     return {"batch": size, "events": n, "batches": len(batches), "us_per_event": min(passes), "passes": passes}
 
 

@@ -110,13 +110,37 @@ def _stop(p: subprocess.Popen) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def parsed_batches(msgs: list, size: int, partitions: int = 0) -> list:
+    """Micro-batches of `Incoming` as the worker gets them: the events split over `partitions` partitions by
+    a hash of the key (0: one stream, partition 0), each partition's events cut into batches of `size`."""
+    import zlib
+
+    from streams.contracts.events import parse_event
+    from streams.worker.recommender import Incoming
+
+    streams: list[list] = [[] for _ in range(max(1, partitions))]
+    for k, v in msgs:
+        streams[zlib.crc32(k) % len(streams) if partitions else 0].append((k, v))
+    return [[Incoming(parse_event(v, k), p, b + j, v, k) for j, (k, v) in enumerate(recs[b : b + size])]
+            for p, recs in enumerate(streams) for b in range(0, len(recs), size)]
+
+
+def replay(rec, batches: list) -> float:
+    """Seconds `rec.process` takes over `batches` in order, each user's state carried from batch to batch."""
+    states: dict = {}
+    t0 = time.perf_counter()
+    for incs in batches:
+        res = rec.process(incs, {i.event.user_id: states.get(i.event.user_id) for i in incs}, {})
+        states.update(res.states)
+    return time.perf_counter() - t0
+
+
 def model_only(art_path: Path, users, items, types, batch: int = 500, explain: bool = False) -> dict:
     """The model object alone: `Recommender.process` per micro-batch over batches parsed beforehand (the
     parse is timed apart), no Kafka, no Faust, in this process: the cost of our own per-event work, with
     one BLAS/FAISS thread as in the worker."""
     from streams.artifacts import load_artifact
-    from streams.contracts.events import parse_event
-    from streams.worker.recommender import Incoming, Recommender
+    from streams.worker.recommender import Recommender
 
     try:
         from threadpoolctl import threadpool_limits
@@ -125,16 +149,10 @@ def model_only(art_path: Path, users, items, types, batch: int = 500, explain: b
     limiter = threadpool_limits(1) if threadpool_limits else None
     rec = Recommender(load_artifact(art_path, index_threads=1), explain=explain)
     msgs = list(_messages(users, items, types, 0, ts=1_700_000_000.0))
-    states: dict = {}
     t0 = time.perf_counter()
-    batches = [[Incoming(parse_event(v, k), 0, b + j, v, k) for j, (k, v) in enumerate(msgs[b : b + batch])]
-               for b in range(0, len(msgs), batch)]
+    batches = parsed_batches(msgs, batch)
     parse_secs = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for incs in batches:
-        res = rec.process(incs, {i.event.user_id: states.get(i.event.user_id) for i in incs}, {})
-        states.update(res.states)
-    secs = time.perf_counter() - t0
+    secs = replay(rec, batches)
     if limiter is not None:
         limiter.unregister()
     return {"events": len(msgs), "seconds": round(secs, 3), "events_per_s": round(len(msgs) / secs, 1),
