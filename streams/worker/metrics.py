@@ -35,9 +35,8 @@ class Metrics:
         self.starved_seconds = 0.0  # the agent waiting for its next batch (nothing fetched yet)
         self.hist = np.zeros(len(BUCKETS_MS), np.int64)
         self.lag_ms_sum = 0.0
-        self.lag_count = 0
         self.started = time.time()
-        self._last_report = (time.time(), 0, time.process_time(), 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+        self._last_report = self._snapshot()
 
     def observe_batch(self, timestamps_ms: list, seconds: float) -> None:
         """Count a batch; latency = now - broker append time of each message (`timestamps_ms`)."""
@@ -47,7 +46,6 @@ class Metrics:
             lat = time.time() * 1000.0 - np.asarray(timestamps_ms, np.float64)
             self.hist += np.bincount(np.searchsorted(BUCKETS_MS, lat), minlength=len(BUCKETS_MS))[: len(BUCKETS_MS)]
             self.lag_ms_sum += float(lat.sum())
-            self.lag_count += len(lat)
 
     def counts(self) -> dict:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
@@ -59,24 +57,26 @@ class Metrics:
                 "model_seconds": round(self.model_seconds, 3), "held_seconds": round(self.held_seconds, 3),
                 "starved_seconds": round(self.starved_seconds, 3), "counted_since": self.started}
 
+    def _snapshot(self) -> tuple:
+        """What a progress line compares with the last one: (time, consumed, CPU time, parse, model, held and
+        starved seconds, latency sum and count)."""
+        return (time.time(), self.consumed, time.process_time(), self.parse_seconds, self.model_seconds,
+                self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()))
+
     def log_progress(self, log: logging.Logger) -> None:
         """Since the last line: events/s, the process's CPU use (all threads; 100% = one core), the
         microseconds per event spent parsing and in the model, and the shares of the time the agent was held
         back by deliveries in flight or starved of records: a slow worker says where its time went."""
-        t, n, cpu, parse, model, held, starved, lag, lags = self._last_report
-        now, cpu_now = time.time(), time.process_time()
-        if self.consumed != n:
-            per, span = 1e6 / (self.consumed - n), max(1e-9, now - t)
+        old, self._last_report = self._last_report, self._snapshot()
+        deltas = (b - a for a, b in zip(old, self._last_report, strict=True))
+        span, events, cpu, parse, model, held, starved, lag, lags = deltas
+        if events:
+            per, span = 1e6 / events, max(1e-9, span)
             log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches; cpu %.0f%%, "
                      "parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%; events %.0f ms old when "
-                     "applied", self.consumed,
-                     (self.consumed - n) / span, self.applied, self.duplicates, self.dead_lettered,
-                     self.batches, 100.0 * (cpu_now - cpu) / span, (self.parse_seconds - parse) * per,
-                     (self.model_seconds - model) * per, 100.0 * (self.held_seconds - held) / span,
-                     100.0 * (self.starved_seconds - starved) / span,
-                     (self.lag_ms_sum - lag) / max(1, self.lag_count - lags))
-        self._last_report = (now, self.consumed, cpu_now, self.parse_seconds, self.model_seconds, self.held_seconds,
-                             self.starved_seconds, self.lag_ms_sum, self.lag_count)
+                     "applied", self.consumed, events / span, self.applied, self.duplicates, self.dead_lettered,
+                     self.batches, 100.0 * cpu / span, parse * per, model * per, 100.0 * held / span,
+                     100.0 * starved / span, lag / max(1, lags))
 
     def prometheus(self) -> str:
         lines = []
