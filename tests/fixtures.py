@@ -8,6 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
+WALK_ITEMS = 20  # the catalogue of `walk_data`
+
+
+def walk_data(n_users: int = 12, per_user: int = 10, seed: int = 0):
+    """Users walk a catalogue of `WALK_ITEMS` items in order from a random start: the next item is
+    predictable (an in-memory `Interactions`, for model unit tests)."""
+    from encoders.data import build_interactions
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start = int(rng.integers(0, WALK_ITEMS))
+        rows += [(f"u{u}", f"i{(start + j) % WALK_ITEMS}", "view", 1_000_000 + 60 * j) for j in range(per_user)]
+    return build_interactions(rows, {f"i{i}": f"item {i}" for i in range(WALK_ITEMS)}, name="tiny")
+
+
 GENRES = ["space opera", "romantic comedy", "crime thriller", "animated family film", "war drama"]
 
 

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fixtures import WALK_ITEMS, walk_data
 
-from encoders.data import Interactions, build_interactions
 from encoders.evaluate import MODELS, run_model
 from encoders.gru4rec import GRU4Rec, GRU4RecConfig
 from encoders.split import LeaveOneOut, Sequence
 from encoders.train import DEFAULT_LR, TrainConfig
 
-N_ITEMS = 20
-
-
-def _data(n_users: int = 12, per_user: int = 10, seed: int = 0) -> Interactions:
-    """Users walk the catalogue in order from a random start (as tests/test_models.py)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        start = int(rng.integers(0, N_ITEMS))
-        rows += [(f"u{u}", f"i{(start + j) % N_ITEMS}", "view", 1_000_000 + 60 * j) for j in range(per_user)]
-    return build_interactions(rows, {f"i{i}": f"item {i}" for i in range(N_ITEMS)}, name="tiny")
+N_ITEMS = WALK_ITEMS
+_data = walk_data
 
 
 def _seq(user: int, items: list[int]) -> Sequence:

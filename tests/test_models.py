@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures import WALK_ITEMS, walk_data
 
-from encoders.data import Interactions, build_interactions
+from encoders.data import build_interactions
 from encoders.evaluate import run_model
 from encoders.itemknn import ItemKNN, ItemKNNConfig
 from encoders.metrics import summarize, target_ranks
@@ -15,18 +16,8 @@ from encoders.sasrec import SASRec, SASRecConfig, left_pad
 from encoders.split import EvalCase, LeaveOneOut, Sequence
 from encoders.train import TrainConfig
 
-N_ITEMS = 20
-
-
-def _data(n_users: int = 12, per_user: int = 10, seed: int = 0) -> Interactions:
-    """Users walk the catalogue in order from a random start: the next item is predictable."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        start = int(rng.integers(0, N_ITEMS))
-        for j in range(per_user):
-            rows.append((f"u{u}", f"i{(start + j) % N_ITEMS}", "view", 1_000_000 + 60 * j))
-    return build_interactions(rows, {f"i{i}": f"item {i}" for i in range(N_ITEMS)}, name="tiny")
+N_ITEMS = WALK_ITEMS
+_data = walk_data
 
 
 def _text(n_items: int = N_ITEMS, dim: int = 8) -> np.ndarray:
