@@ -101,17 +101,41 @@ def table_states(kafka: str, app_id: str, artifact_path, last_must_be_newest: bo
                          "h": st.h[r], "c": st.c[r]} for r, k in enumerate(keys)}
 
 
-def settled_states(kafka: str, app_id: str, artifact_path, n_events: int, idle: float = 60.0) -> dict[str, dict]:
+def settled_states(kafka: str, app_id: str, artifact_path, n_events: int, idle: float = 60.0,
+                   expected: dict[str, list] | None = None) -> dict[str, dict]:
     """Table states once the changelog holds every applied event and the owner repaired any foreign record;
-    fails when neither moves for `idle` seconds."""
+    fails when neither moves for `idle` seconds (with `expected`, each user's events, saying which users
+    fell short and the history of their changelog records)."""
     def progress():
         states = table_states(kafka, app_id, artifact_path, last_must_be_newest=False)
         return sum(s["count"] for s in states.values())
 
-    wait_progress(progress, n_events, "the changelog to hold every applied event", idle=idle)
+    try:
+        wait_progress(progress, n_events, "the changelog to hold every applied event", idle=idle)
+    except AssertionError as exc:
+        if expected is None:
+            raise
+        raise AssertionError(f"{exc}\n{shortfall(kafka, app_id, artifact_path, expected)}") from None
     wait_progress(lambda: _repaired(kafka, app_id, artifact_path), 1, "stale changelog records to be overwritten",
                   idle=idle)
     return table_states(kafka, app_id, artifact_path)
+
+
+def shortfall(kafka: str, app_id: str, artifact_path, expected: dict[str, list], show: int = 5) -> str:
+    """Forensics of a state that holds fewer events than its user sent: per short user, its changelog records
+    as (event offset, event count) in log order."""
+    art = load_artifact(artifact_path)
+    codec = StateCodec(art.model.cfg.dim, art.weights_version)
+    counts = {u: s["count"] for u, s in table_states(kafka, app_id, artifact_path, last_must_be_newest=False).items()}
+    short = {u: (len(evs), counts.get(u, 0)) for u, evs in expected.items() if counts.get(u, 0) < len(evs)}
+    recs = changelog_records(kafka, f"{app_id}-short-term-changelog")
+    lines = [f"{len(short)} users short (expected, got): {dict(list(short.items())[:20])}"]
+    for u in list(short)[:show]:
+        vals = [v for v in recs.get(u.encode(), []) if v is not None]
+        st = codec.decode(vals) if vals else None
+        hist = [] if st is None else list(zip(st.last_offset.tolist(), st.count.tolist(), strict=True))
+        lines.append(f"  {u}: records (event offset, count) {hist}")
+    return "\n".join(lines)
 
 
 def _repaired(kafka: str, app_id: str, artifact_path) -> int:
@@ -325,7 +349,7 @@ def test_workers_paused_past_their_session_lose_nothing_and_apply_nothing_twice(
         wait_progress(lambda: len(unique_events(recs)), (i + 1) * part, f"part {i} to be answered after a pause")
     prod.close()
     wait_progress(lambda: len(unique_events(recs)), len(msgs), "every event to be answered")
-    online = settled_states(kafka, namespace["app_id"], tiny_artifact, len(msgs))
+    online = settled_states(kafka, namespace["app_id"], tiny_artifact, len(msgs), expected=per_user)
     for w in workers:
         assert w.proc.poll() is None, f"a worker died:\n{w.tail()}"
     recs.stop_flag.set()
@@ -463,7 +487,7 @@ def test_replaying_a_log_twice_leaves_state_unchanged(kafka, start_worker, names
            topics.events, "-q"]
     subprocess.run(cmd, check=True, env=env, timeout=120)
     wait_progress(lambda: health(worker.web_port)["applied"], len(msgs), "the first replay")
-    first = settled_states(kafka, namespace["app_id"], tiny_artifact, len(msgs))
+    first = settled_states(kafka, namespace["app_id"], tiny_artifact, len(msgs), expected=per_user)
     assert_exactly_once(first, offline_states(tiny_artifact, per_user))
     subprocess.run(cmd, check=True, env=env, timeout=120)
     # Re-reads after a rebalance count in `consumed` too; what follows the replay is its dead letters.

@@ -14,7 +14,11 @@ the owner's records written in between) would make a state go back. Three rules 
 
 1. Newest event wins, not newest record: every short-term state carries the (partition, offset) of the
    last event applied to it; recovery (`apply_changelog_batch`) keeps, per key, the value with the
-   highest event offset, against the local value as well as within the batch. A zombie's state is a
+   highest event offset, against the local value as well as within the batch. So does every local write
+   of our own: a batch computed before a rebalance (a worker resumed from a pause, a finish still in
+   flight) can land after the recovery that brought its users' newer states, and must not take them back
+   (the next events would be applied to the older state and the ones in between lost); the newer state
+   is written to the changelog again, so that it stays its key's last record. A zombie's state is a
    deterministic replay of events the owner also applies, so at equal offsets it is the same bytes.
 2. The persisted changelog offset only moves over records this worker has seen: after its own batch
    only when the batch landed right after the last offset it knew of (no foreign record in between);
@@ -52,6 +56,20 @@ def event_offset(value: bytes | None) -> int:
     return OFFSET_AT.unpack_from(value, OFFSET_POS)[0]
 
 
+def split_by_offset(db: Any, items: dict[bytes, bytes | None]) -> tuple[dict, dict]:
+    """Of `items`, (those to write: tombstones, new keys and states at least as new as the local one by event
+    offset; per key where the local state is newer, that local state). Local writes never take a state back."""
+    keys = list(items)
+    fresh, newer = {}, {}
+    for key, old in zip(keys, db[keys] if keys else [], strict=True):
+        value = items[key]
+        if value is None or old is None or event_offset(value) >= event_offset(old):
+            fresh[key] = value
+        else:
+            newer[key] = old
+    return fresh, newer
+
+
 def write_local(db: Any, items: dict[bytes, bytes | None]) -> None:
     """One RocksDB WriteBatch: put each value, delete each key whose value is None (a tombstone)."""
     wb = faust_rocksdb.rocksdict.WriteBatch(raw_mode=True)
@@ -83,10 +101,7 @@ class FencedStore(faust_rocksdb.Store):
                 part[msg.key] = msg.value
         for partition, values in newest.items():
             db = self._db_for_partition(partition)
-            keys = list(values)
-            local = db[keys]
-            write_local(db, {key: values[key] for key, old in zip(keys, local, strict=True)
-                             if values[key] is None or old is None or event_offset(values[key]) >= event_offset(old)})
+            write_local(db, split_by_offset(db, values)[0])
         for tp, offset in tp_offsets.items():
             self.set_persisted_offset(tp, offset)
 
@@ -139,15 +154,29 @@ class BatchedTable:
         if not items:
             return
         async with self._locks[partition]:
-            hole = await self._send_and_write(partition, items)
+            hole, newer = await self._send_and_write(partition, items)
+            if newer:
+                # A batch computed before a rebalance landed after the recovery that brought newer states of
+                # its users (a worker resumed from a pause, a finish still in flight): the store keeps the
+                # newer ones, and they are written again so that each stays the last record of its key.
+                self.reasserted += len(newer)
+                log.warning("changelog %s[%d]: %d states older than the stored ones were written (a batch from "
+                            "before a rebalance); the stored ones written again", self.topic, partition, len(newer))
+                hole = (await self._send_and_write(partition, newer))[0] or hole
         if hole:
             await self.repair(partition)
 
-    async def _send_and_write(self, partition: int, items: dict[bytes, bytes | None]) -> bool:
+    async def _send_and_write(self, partition: int, items: dict[bytes, bytes | None]) -> tuple[bool, dict]:
+        """Send, then write locally what is not older than the local state: (a hole before our records, per key
+        the local state that is newer than the one sent)."""
         sent = await send_records(self.app, self.topic, partition, list(items.items()))
         metas = [await fut for fut, _n in sent]
         counts = [n for _fut, n in sent]
-        write_local(self.table.data._db_for_partition(partition), items)
+        db = self.table.data._db_for_partition(partition)
+        newer: dict[bytes, bytes | None] = {}
+        if self.table.data.merge_by_offset:
+            items, newer = split_by_offset(db, items)
+        write_local(db, items)
         end, hole = self._known_end(partition), False
         for meta, count in zip(metas, counts, strict=True):
             if meta.offset != end + 1:
@@ -157,7 +186,7 @@ class BatchedTable:
         if not hole:
             self._end[partition] = end
             self.table.data.set_persisted_offset(TP(self.topic, partition), end)
-        return hole
+        return hole, newer
 
     async def check_foreign(self) -> int:
         """Compare each owned changelog partition's log end with what we know of it; repair where it is ahead."""
