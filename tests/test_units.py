@@ -223,3 +223,23 @@ def test_states_are_bit_identical_however_events_are_batched(tiny_artifact):
     assert len(whole) == 6
     assert states(7) == whole
     assert states(1) == whole
+
+
+def test_progress_line_splits_an_events_age_at_fetch_and_at_pickup(caplog):
+    """The age of an event when applied, split where it accrued: before the consumer handed its batch out
+    (publish, broker, fetch) and in Faust's queues until the agent took it."""
+    import logging
+    import time
+
+    from streams.worker.metrics import Metrics
+
+    m = Metrics()
+    now = time.time()
+    sent = [(now - 0.300) * 1000.0, (now - 0.200) * 1000.0]  # two events, published 300 and 200 ms ago
+    m.consumed = 2
+    m.observe_batch(sent, 0.01, fetched_at=now - 0.150, picked_at=now - 0.050)
+    assert m.fetched_ms_sum == pytest.approx(150.0 + 50.0, abs=1e-3)  # fetched 150 and 50 ms after publishing
+    assert m.queued_ms_sum == pytest.approx(2 * 100.0, abs=1e-3)  # both waited 100 ms to be taken
+    with caplog.at_level(logging.INFO):
+        m.log_progress(logging.getLogger("lsti.test"))
+    assert "(100 when fetched, 100 more queued)" in caplog.text

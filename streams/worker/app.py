@@ -229,7 +229,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     async def apply_batch(event) -> None:
         """One fetched partition batch: parse, model, send; its finish runs while the next batch is computed."""
         msg: BatchMessage = event.message
-        started = time.perf_counter()
+        started, picked_at = time.perf_counter(), time.time()
         part, records = msg.partition, msg.records
         if skip_fault["after"] and metrics.consumed >= skip_fault["after"]:
             skip_fault["after"] = 0  # tests: lose one delivered batch the way Faust's stream skips one
@@ -280,7 +280,7 @@ def create_app(s: WorkerSettings) -> faust.App:
         metrics.dead_lettered += len(dead)
         metrics.resets += res.resets
         metrics.observe_batch([r.timestamp for r in records if r.timestamp is not None],
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, msg.fetched_at, picked_at)
         stall.saw({part: records[-1].offset})
 
     @app.agent(events)

@@ -34,6 +34,7 @@ Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fail
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -59,7 +60,7 @@ class BatchMessage(ConsumerMessage):
     counter, so a run whose number follows the previous one's directly continues it in the log.
     """
 
-    __slots__ = ("records", "first", "seq")
+    __slots__ = ("records", "first", "seq", "fetched_at")
 
     def on_final_ack(self, consumer: Any) -> bool:
         # A batch fetched before a rebalance is acked by Faust's stream when it drops it; it must not
@@ -77,6 +78,7 @@ def batch_message(tp: TP, records: list, generation_id: int, seq: int = 0) -> Ba
     msg.records = records
     msg.first = records[0].offset
     msg.seq = seq
+    msg.fetched_at = time.time()  # when the consumer handed it out: the progress line splits an event's age there
     return msg
 
 

@@ -35,17 +35,27 @@ class Metrics:
         self.starved_seconds = 0.0  # the agent waiting for its next batch (nothing fetched yet)
         self.hist = np.zeros(len(BUCKETS_MS), np.int64)
         self.lag_ms_sum = 0.0
+        # Where that latency accrues, summed over events: until the consumer handed the event's batch out
+        # (publish, broker, fetch), and from there until the agent took the batch (Faust's queues).
+        self.fetched_ms_sum = 0.0
+        self.queued_ms_sum = 0.0
         self.started = time.time()
         self._last_report = self._snapshot()
 
-    def observe_batch(self, timestamps_ms: list, seconds: float) -> None:
-        """Count a batch; latency = now - broker append time of each message (`timestamps_ms`)."""
+    def observe_batch(self, timestamps_ms: list, seconds: float, fetched_at: float | None = None,
+                      picked_at: float | None = None) -> None:
+        """Count a batch; latency = now - broker append time of each message (`timestamps_ms`); with the times
+        (epoch s) the consumer handed the batch out and the agent took it, the parts of it before each."""
         self.batches += 1
         self.busy_seconds += seconds
         if timestamps_ms:
-            lat = time.time() * 1000.0 - np.asarray(timestamps_ms, np.float64)
+            ts = np.asarray(timestamps_ms, np.float64)
+            lat = time.time() * 1000.0 - ts
             self.hist += np.bincount(np.searchsorted(BUCKETS_MS, lat), minlength=len(BUCKETS_MS))[: len(BUCKETS_MS)]
             self.lag_ms_sum += float(lat.sum())
+            if fetched_at is not None and picked_at is not None:
+                self.fetched_ms_sum += fetched_at * 1000.0 * len(ts) - float(ts.sum())
+                self.queued_ms_sum += (picked_at - fetched_at) * 1000.0 * len(ts)
 
     def counts(self) -> dict:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
@@ -59,9 +69,10 @@ class Metrics:
 
     def _snapshot(self) -> tuple:
         """What a progress line compares with the last one: (time, consumed, CPU time, parse, model, held and
-        starved seconds, latency sum and count)."""
+        starved seconds, latency sum and count, its fetched and queued parts)."""
         return (time.time(), self.consumed, time.process_time(), self.parse_seconds, self.model_seconds,
-                self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()))
+                self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()), self.fetched_ms_sum,
+                self.queued_ms_sum)
 
     def log_progress(self, log: logging.Logger) -> None:
         """Since the last line: events/s, the process's CPU use (all threads; 100% = one core), the
@@ -69,14 +80,15 @@ class Metrics:
         back by deliveries in flight or starved of records: a slow worker says where its time went."""
         old, self._last_report = self._last_report, self._snapshot()
         deltas = (b - a for a, b in zip(old, self._last_report, strict=True))
-        span, events, cpu, parse, model, held, starved, lag, lags = deltas
+        span, events, cpu, parse, model, held, starved, lag, lags, fetched, queued = deltas
         if events:
             per, span = 1e6 / events, max(1e-9, span)
             log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches; cpu %.0f%%, "
                      "parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%; events %.0f ms old when "
-                     "applied", self.consumed, events / span, self.applied, self.duplicates, self.dead_lettered,
-                     self.batches, 100.0 * cpu / span, parse * per, model * per, 100.0 * held / span,
-                     100.0 * starved / span, lag / max(1, lags))
+                     "applied (%.0f when fetched, %.0f more queued)", self.consumed, events / span, self.applied,
+                     self.duplicates, self.dead_lettered, self.batches, 100.0 * cpu / span, parse * per, model * per,
+                     100.0 * held / span, 100.0 * starved / span, lag / max(1, lags), fetched / max(1, lags),
+                     queued / max(1, lags))
 
     def prometheus(self) -> str:
         lines = []
