@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_faults import changelog_records
 
 from streams.worker.state_store import OFFSET_AT, OFFSET_POS, BatchedTable, FencedTable, event_offset
 
@@ -22,26 +23,6 @@ def state(offset: int, tag: bytes) -> bytes:
     value = bytearray(OFFSET_POS + 8) + tag
     OFFSET_AT.pack_into(value, OFFSET_POS, offset)
     return bytes(value)
-
-
-def last_records(kafka: str, topic: str, partition: int) -> dict[bytes, bytes | None]:
-    """Each key's last record in one changelog partition (what compaction keeps)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    cons = KafkaConsumer(bootstrap_servers=kafka, enable_auto_commit=False)
-    try:
-        tp = TopicPartition(topic, partition)
-        cons.assign([tp])
-        cons.seek_to_beginning(tp)
-        end = cons.end_offsets([tp])[tp]
-        out: dict[bytes, bytes | None] = {}
-        while cons.position(tp) < end:
-            for batch in cons.poll(timeout_ms=500).values():
-                for m in batch:
-                    out[m.key] = m.value
-        return out
-    finally:
-        cons.close()
 
 
 async def _late_batch(kafka: str, datadir: str, app_id: str) -> tuple[dict, dict, int]:
@@ -61,7 +42,8 @@ async def _late_batch(kafka: str, datadir: str, app_id: str) -> tuple[dict, dict
         # A batch computed from before the owner's work lands now: one user older, one genuinely newer.
         await store.put_many(0, {old: state(150, b"late"), new: state(250, b"late")})
         stored = dict(zip([old, new], store.get_many(0, [old, new]), strict=True))
-        return stored, last_records(kafka, store.topic, 0), store.reasserted
+        last = {key: records[-1] for key, records in changelog_records(kafka, store.topic).items()}
+        return stored, last, store.reasserted
     finally:
         await app.producer.stop()
 
