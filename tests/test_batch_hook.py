@@ -60,6 +60,7 @@ def test_the_internals_the_hook_touches_are_there():
     assert "generation_id" in ConsumerMessage.__slots__ or "generation_id" in faust.types.tuples.Message.__slots__
     src = inspect.getsource(base._drain_messages)
     assert "gap > 1 and r_offset" in src and "set_read_offset(tp, offset)" in src, "Faust's fetch-time gap fill changed"
+    assert "getmany(timeout=1.0)" in src, "Faust's fetch timeout changed: see FETCH_POLL_S"
 
 
 @pytest.fixture
@@ -199,3 +200,25 @@ def test_the_worker_consumer_waits_briefly_for_quiet_partitions(app):
 
     consumer = asyncio.get_event_loop().run_until_complete(build())
     assert consumer._fetch_max_wait_ms == FETCH_MAX_WAIT_MS < 100
+
+
+def test_getmany_asks_the_fetcher_with_a_short_timeout(app):
+    """Faust asks with a 1 s timeout; aiokafka's wait then sometimes ran the whole second with records buffered
+    (the p99 of ~1.2 s in BENCHMARKS.md section 3): the batch consumer asks for at most `FETCH_POLL_S`."""
+    from streams.worker.batches import FETCH_POLL_S
+
+    consumer = app.consumer
+    asked = []
+
+    async def fake_wait(timeout):
+        asked.append(timeout)
+        return {}, None
+
+    consumer._wait_next_records = fake_wait
+    consumer.flow_active = True
+
+    async def collect():
+        return [m async for _tp, m in consumer.getmany(1.0)]
+
+    assert asyncio.get_event_loop().run_until_complete(collect()) == []
+    assert asked == [FETCH_POLL_S] and FETCH_POLL_S <= 0.1

@@ -243,3 +243,27 @@ def test_progress_line_splits_an_events_age_at_fetch_and_at_pickup(caplog):
     with caplog.at_level(logging.INFO):
         m.log_progress(logging.getLogger("lsti.test"))
     assert "(100 when fetched, 100 more queued)" in caplog.text
+
+
+def test_progress_line_counts_the_garbage_collectors_pauses(caplog):
+    """A full collection stops every thread of the worker; the progress line says how long, in all and at most."""
+    import gc
+    import logging
+
+    from streams.worker.metrics import Metrics
+
+    m = Metrics()
+    m.watch_gc()
+    try:
+        junk = [[i] for i in range(200_000)]  # something for the collector to walk
+        gc.collect()
+        del junk
+        assert m.gc_seconds > 0 and m.gc_full >= 1 and m.gc_max_seconds <= m.gc_seconds
+        m.consumed = 1
+        m.observe_batch([], 0.0)
+        with caplog.at_level(logging.INFO):
+            m.log_progress(logging.getLogger("lsti.test"))
+        assert "; gc " in caplog.text and "(longest " in caplog.text
+        assert m.gc_max_seconds == 0.0  # the longest pause is per progress line
+    finally:
+        gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "__qualname__", "").split(".")[0] != "Metrics"]

@@ -34,6 +34,11 @@ from streams.worker.state_store import BatchedTable, FencedTable, event_offset
 
 log = logging.getLogger("lsti.worker")
 EXIT_BATCH_FAILED = 70
+# Per partition, how many batches may wait for their deliveries (answers, then states) while the agent goes on.
+# Only backpressure: each finish waits for the one before it, and the pending overlay serves their states. With
+# 2 the agent was held back 35% of the time at 3,000 events/s (small batches, two round trips each), with 16
+# 1-2% (BENCHMARKS.md section 3, session 8).
+IN_FLIGHT_PER_PARTITION = 16
 
 
 def aiokafka_security() -> dict:
@@ -95,6 +100,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                             explain=s.explain), s.k,
                 s.max_lateness)
     metrics = Metrics()
+    metrics.watch_gc()
     log.info("loaded model %s (%d items, dim %d, index %s)", artifact.version, len(artifact.item_ids) - 1,
              artifact.model.cfg.dim, artifact.index.backend)
 
@@ -267,9 +273,9 @@ def create_app(s: WorkerSettings) -> faust.App:
         prev = finishing.get(part)
         if prev is not None and prev.done():
             prev = None
-        if prev is not None and depth.get(part, 0) >= 2:
+        if prev is not None and depth.get(part, 0) >= IN_FLIGHT_PER_PARTITION:
             t3 = time.perf_counter()
-            await asyncio.shield(prev)  # backpressure: at most two batches of a partition in flight
+            await asyncio.shield(prev)  # backpressure: bounded batches in flight
             metrics.held_seconds += time.perf_counter() - t3
             prev = None
         depth[part] = 1 if prev is None else depth.get(part, 0) + 1

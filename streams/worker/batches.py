@@ -29,7 +29,8 @@ Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fail
 `Consumer.seek` and `seek_to_committed` (counted; `_seek` run on the consumer thread),
 `Consumer.scheduler` untouched, `App._new_transport`, `Transport.Consumer`, `ConsumerMessage`,
 `AIOKafkaConsumerThread.call_thread` (committed offsets, seeks), `Consumer._new_consumer_thread` and
-`AIOKafkaConsumerThread._create_worker_consumer` (the fetch wait: aiokafka's `AIOKafkaConsumer._fetch_max_wait_ms`).
+`AIOKafkaConsumerThread._create_worker_consumer` (the fetch wait: aiokafka's `AIOKafkaConsumer._fetch_max_wait_ms`),
+`Consumer._drain_messages` (its `getmany(timeout=1.0)`, capped at `FETCH_POLL_S`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ PINNED_FAUST = "0.15.3"
 # section 3; 0.56 s with a 20 ms wait, 0.31 s with 5 ms, one run each). A short wait bounds that delay; an
 # idle worker then sends ~100 empty fetches per second.
 FETCH_MAX_WAIT_MS = 10
+# Faust's fetch loop asks for records with a 1 s timeout, and aiokafka's `Fetcher.fetched_records` then waits on
+# a "new data" waiter. In the latency runs that wait often ran its whole second and returned nothing although
+# the events partitions' records had arrived meanwhile (a dump of the fetcher at the end of such a wait showed
+# them buffered; why the waiter was not woken is not known): the next call got them ~1 s old. That was the
+# whole latency tail (p95 ~1 s, p99 1.0-1.3 s; BENCHMARKS.md section 3, session 8). Asking with a short timeout
+# and asking again bounds that to this much; an idle worker then makes ~20 cheap calls a second.
+FETCH_POLL_S = 0.05
 
 
 class BatchMessage(ConsumerMessage):
@@ -118,7 +126,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, ConsumerMessage]]:
         batch_topics = getattr(self.app, "batch_topics", frozenset())
         before = dict(self._seq)  # a seek while we wait makes what arrives suspect: see below
-        records, active = await self._wait_next_records(timeout)
+        records, active = await self._wait_next_records(min(timeout, FETCH_POLL_S))
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
             return

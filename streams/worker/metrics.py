@@ -6,6 +6,7 @@ Invariant the tests check: consumed = applied + duplicates + dead_lettered. Coun
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -39,8 +40,27 @@ class Metrics:
         # (publish, broker, fetch), and from there until the agent took the batch (Faust's queues).
         self.fetched_ms_sum = 0.0
         self.queued_ms_sum = 0.0
+        self.gc_seconds = 0.0  # the interpreter stopped for its cyclic garbage collector (`watch_gc`)
+        self.gc_max_seconds = 0.0  # the longest of those pauses since the last progress line
+        self.gc_full = 0  # of those collections, the full ones (generation 2)
         self.started = time.time()
         self._last_report = self._snapshot()
+
+    def watch_gc(self) -> None:
+        """Time every collection of Python's cyclic garbage collector: a full collection of a heap holding
+        torch, numpy and Faust stops every thread of the worker at once (the GIL), events included."""
+        started: list[float] = []
+
+        def clock(phase: str, info: dict) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pause = time.perf_counter() - started.pop()
+                self.gc_seconds += pause
+                self.gc_max_seconds = max(self.gc_max_seconds, pause)
+                self.gc_full += info.get("generation") == 2
+
+        gc.callbacks.append(clock)
 
     def observe_batch(self, timestamps_ms: list, seconds: float, fetched_at: float | None = None,
                       picked_at: float | None = None) -> None:
@@ -65,14 +85,15 @@ class Metrics:
                 "busy_seconds": round(self.busy_seconds, 3),
                 "wait_seconds": round(self.wait_seconds, 3), "parse_seconds": round(self.parse_seconds, 3),
                 "model_seconds": round(self.model_seconds, 3), "held_seconds": round(self.held_seconds, 3),
-                "starved_seconds": round(self.starved_seconds, 3), "counted_since": self.started}
+                "starved_seconds": round(self.starved_seconds, 3), "gc_seconds": round(self.gc_seconds, 3),
+                "gc_full_collections": self.gc_full, "counted_since": self.started}
 
     def _snapshot(self) -> tuple:
         """What a progress line compares with the last one: (time, consumed, CPU time, parse, model, held and
-        starved seconds, latency sum and count, its fetched and queued parts)."""
+        starved seconds, latency sum and count, its fetched and queued parts, garbage collection)."""
         return (time.time(), self.consumed, time.process_time(), self.parse_seconds, self.model_seconds,
                 self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()), self.fetched_ms_sum,
-                self.queued_ms_sum)
+                self.queued_ms_sum, self.gc_seconds)
 
     def log_progress(self, log: logging.Logger) -> None:
         """Since the last line: events/s, the process's CPU use (all threads; 100% = one core), the
@@ -80,15 +101,16 @@ class Metrics:
         back by deliveries in flight or starved of records: a slow worker says where its time went."""
         old, self._last_report = self._last_report, self._snapshot()
         deltas = (b - a for a, b in zip(old, self._last_report, strict=True))
-        span, events, cpu, parse, model, held, starved, lag, lags, fetched, queued = deltas
+        span, events, cpu, parse, model, held, starved, lag, lags, fetched, queued, gcs = deltas
+        gc_max, self.gc_max_seconds = self.gc_max_seconds, 0.0
         if events:
             per, span = 1e6 / events, max(1e-9, span)
             log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches; cpu %.0f%%, "
                      "parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%; events %.0f ms old when "
-                     "applied (%.0f when fetched, %.0f more queued)", self.consumed, events / span, self.applied,
-                     self.duplicates, self.dead_lettered, self.batches, 100.0 * cpu / span, parse * per, model * per,
-                     100.0 * held / span, 100.0 * starved / span, lag / max(1, lags), fetched / max(1, lags),
-                     queued / max(1, lags))
+                     "applied (%.0f when fetched, %.0f more queued); gc %.0f ms (longest %.0f)",
+                     self.consumed, events / span, self.applied, self.duplicates, self.dead_lettered, self.batches,
+                     100.0 * cpu / span, parse * per, model * per, 100.0 * held / span, 100.0 * starved / span,
+                     lag / max(1, lags), fetched / max(1, lags), queued / max(1, lags), gcs * 1e3, gc_max * 1e3)
 
     def prometheus(self) -> str:
         lines = []
