@@ -91,3 +91,58 @@ def test_ctrl_c_ends_training_like_a_plateau_and_keeps_the_best_epoch():
     _, info = fit(model, batch_loss, evaluate, split, 5, TrainConfig(epochs=50, batch_size=4, lr=1e-3,
                                                                       max_minutes=None), "t", progress=False)
     assert info["stop_reason"] == "interrupted" and info["epochs_run"] == 3 and info["best_epoch"] == 2
+
+
+def test_converge_anneals_from_the_best_weights_after_the_plateau():
+    """The one convergence rule: constant rate to a plateau, then back to the best epoch's weights and a
+    linear anneal to 0 over `decay_epochs`; the best epoch of either phase is kept."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from encoders.split import Sequence
+    from encoders.train import TrainConfig, fit
+
+    seqs = [Sequence(u, np.arange(1, 6), np.ones(5, np.int64), np.arange(5.0)) for u in range(8)]
+    split = SimpleNamespace(train_sequences=lambda: seqs)
+    model = torch.nn.Linear(2, 1)
+    opt_lrs, weights_at_decay = [], []
+    valid = iter([0.1, 0.3, 0.2, 0.2, 0.25, 0.35, 0.3])  # best 0.3 at epoch 2, plateau after 4, anneal 5-7
+    weights = {}
+
+    def batch_loss(batch):
+        return (model(torch.ones(1, 2)).sum() - 1.0) ** 2
+
+    def evaluate():
+        v = next(valid)
+        if v == 0.3 and "best" not in weights:
+            weights["best"] = model.weight.detach().clone()
+        return {"ndcg@10": v, "hr@10": 0.0}
+
+    orig_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        opt_lrs.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **k)
+
+    torch.optim.AdamW.step = step
+    try:
+        cfg = TrainConfig.converge(batch_size=4, lr=1e-2, max_minutes=None, patience=2, decay_epochs=3, warmup=0)
+        orig_load = model.load_state_dict
+
+        def load(state, *a, **k):
+            weights_at_decay.append(state["weight"].clone())
+            return orig_load(state, *a, **k)
+
+        model.load_state_dict = load
+        _, info = fit(model, batch_loss, evaluate, split, 5, cfg, "t", progress=False)
+    finally:
+        torch.optim.AdamW.step = orig_step
+    assert info["stop_reason"] == "plateau, then anneal" and info["epochs_run"] == 7 and info["best_epoch"] == 6
+    assert info["plateau"] == {"epoch": 4, "best_valid_ndcg@10": 0.3}
+    assert torch.equal(weights_at_decay[0], weights["best"])  # the anneal starts from the best epoch's weights
+    assert opt_lrs[:8] == [1e-2] * 8  # constant: 2 batches an epoch, epochs 1-4
+    decay = opt_lrs[8:]
+    assert len(decay) == 6 and decay[0] == 1e-2 and decay[-1] > 0
+    assert all(a > b for a, b in zip(decay[:-1], decay[1:], strict=True))

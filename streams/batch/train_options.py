@@ -25,7 +25,7 @@ def train_configs(args: argparse.Namespace, seed: int = 0) -> tuple:
 
         given, model = dict(REFERENCE_TRAIN), dict(REFERENCE_MODEL)
     given.update({k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "device", "max_minutes", "weight_decay",
-                                                "patience", "schedule", "warmup", "windows", "batches")
+                                                "patience", "schedule", "warmup", "windows", "batches", "decay_epochs")
                   if getattr(args, k, None) is not None})
     if getattr(args, "clip", None) is not None:
         given["clip"] = args.clip if args.clip > 0 else None  # --clip 0: no clipping

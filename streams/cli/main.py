@@ -87,8 +87,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate after the warmup (default "
                    "cosine, annealed to 0 over --epochs)")
     p.add_argument("--converge", action="store_true", help="train to convergence by one rule for every model: "
-                   "constant rate, stop after 20 epochs without a better validation NDCG@10, 4-hour cap; the "
-                   "result's train_info says the epochs run and the stop reason (other flags still apply)")
+                   "constant rate until 20 epochs without a better validation NDCG@10, then from the best weights "
+                   "10 epochs annealed to 0 (--decay-epochs), 4-hour cap; the result's train_info says the epochs "
+                   "run and the stop reason (other flags still apply)")
+    p.add_argument("--decay-epochs", type=int, help="after the plateau, this many epochs from the best weights with "
+                   "the rate annealed to 0 (default 0; 10 with --converge)")
     p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec and "
                    "gru4rec)")
     p.add_argument("--batch-size", type=int, help="default 64")
