@@ -267,3 +267,39 @@ def test_progress_line_counts_the_garbage_collectors_pauses(caplog):
         assert m.gc_max_seconds == 0.0  # the longest pause is per progress line
     finally:
         gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "__qualname__", "").split(".")[0] != "Metrics"]
+
+
+def test_finishes_run_in_batch_order_with_a_bounded_number_waiting():
+    """A partition's finishes complete in submission order whatever their own durations; the agent is held
+    only once `depth` of them wait; other partitions are not held by this one."""
+    import asyncio
+
+    from streams.worker.finishes import Finishes
+
+    async def scenario():
+        done, release = [], asyncio.Event()
+        fin = Finishes(depth=2)
+
+        def finish(name, slow=False):
+            async def run(prev):
+                if prev is not None:
+                    await prev
+                if slow:
+                    await release.wait()
+                done.append(name)
+            return run
+
+        assert await fin.submit(0, finish("a", slow=True)) == 0.0
+        assert await fin.submit(0, finish("b")) == 0.0  # chained behind a: the agent goes on
+        assert await fin.submit(1, finish("x")) == 0.0  # another partition: not behind a
+        await asyncio.sleep(0)
+        assert done == ["x"]
+        third = asyncio.ensure_future(fin.submit(0, finish("c")))  # two waiting: held until b is done
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        release.set()
+        held = await third
+        await fin.last(0)
+        assert done == ["x", "a", "b", "c"] and held > 0.0
+
+    asyncio.run(scenario())

@@ -99,16 +99,20 @@ def faust_trivial(bootstrap: str, src: str, dst: str, group: str, datadir: str, 
 
 def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: str, web_port: int,
                       state_bytes: int = 664, batch_max: int = 500) -> None:
-    """The worker's app settings, batch path and table (`streams/worker/app.py`), with no model."""
+    """The worker's app settings, batch path, table and pipelined finishes (`streams/worker/app.py`), with no
+    model."""
     import faust
 
+    from streams.config import WorkerSettings
     from streams.worker.batches import BatchApp, ack_batch, send_records
+    from streams.worker.finishes import Finishes
     from streams.worker.state_store import OFFSET_AT, OFFSET_POS, BatchedTable, FencedTable
 
     app = BatchApp(group, broker=f"kafka://{bootstrap}", store="rocksdb://", datadir=datadir,
                    topic_partitions=4, topic_replication_factor=1, consumer_auto_offset_reset="earliest",
                    broker_session_timeout=10.0, broker_heartbeat_interval=1.0, broker_max_poll_records=batch_max,
-                   producer_linger_ms=5, producer_max_batch_size=512 * 1024, stream_buffer_maxsize=8,
+                   producer_linger_ms=WorkerSettings.producer_linger_ms, producer_max_batch_size=512 * 1024,
+                   stream_buffer_maxsize=WorkerSettings.stream_buffer,
                    web_port=web_port, web_bind="127.0.0.1", web_host="127.0.0.1", table_standby_replicas=0,
                    stream_wait_empty=False)
     app.batch_topics = frozenset({src})
@@ -124,6 +128,21 @@ def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: s
     app.on_partitions_revoked.connect(forget_changelog_ends)
     blank = bytes(max(state_bytes, OFFSET_POS + 8))  # a state the size of the worker's (dim 64, float32)
 
+    finishes = Finishes()  # the worker's pipelining: a partition's finishes chained in order, bounded
+    pending: dict[int, dict[bytes, bytes]] = {}  # states computed, not yet in RocksDB (the worker's overlay)
+
+    async def finish(event, part: int, prev, sent: list, new: dict) -> None:
+        if prev is not None:
+            await prev
+        for fut, _n in sent:
+            await fut
+        await states.put_many(part, new)
+        mine = pending[part]
+        for k, v in new.items():
+            if mine.get(k) is v:
+                del mine[k]
+        await ack_batch(event)
+
     @app.agent(src_t)
     async def relay(stream):
         async for event in stream.noack().events():
@@ -135,17 +154,18 @@ def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: s
                                                 "ts": ev["ts"]}).encode()))
                 last[ev["user_id"].encode()] = r.offset
             keys = list(last)
+            overlay = pending.setdefault(part, {})
             new = {}
             for key, old in zip(keys, states.get_many(part, keys), strict=True):
+                old = overlay.get(key, old)
                 value = bytearray(old if old is not None and len(old) == len(blank) else blank)
                 OFFSET_AT.pack_into(value, OFFSET_POS, last[key])  # the newest event applied, as the worker's
                 new[key] = bytes(value)
             if msg.generation_id != app.consumer_generation_id:
                 continue
-            for fut, _n in await send_records(app, dst, part, outs):
-                await fut
-            await states.put_many(part, new)
-            await ack_batch(event)
+            sent = await send_records(app, dst, part, outs)
+            overlay.update(new)
+            await finishes.submit(part, lambda prev, e=event, p=part, s=sent, n=new: finish(e, p, prev, s, n))
 
     faust.Worker(app, loglevel="info", quiet=True, redirect_stdouts=False).execute_from_commandline()
 

@@ -26,6 +26,7 @@ from streams.contracts.dead_letter import dead_letter
 from streams.contracts.events import BadEvent, parse_event
 from streams.worker.batches import BatchApp, BatchMessage, ack_batch, send_records
 from streams.worker.control import Live, watch_items, watch_versions
+from streams.worker.finishes import Finishes
 from streams.worker.lanes import Lanes
 from streams.worker.metrics import Metrics
 from streams.worker.recommender import BatchResult, Incoming, Recommender
@@ -34,11 +35,6 @@ from streams.worker.state_store import BatchedTable, FencedTable, event_offset
 
 log = logging.getLogger("lsti.worker")
 EXIT_BATCH_FAILED = 70
-# Per partition, how many batches may wait for their deliveries (answers, then states) while the agent goes on.
-# Only backpressure: each finish waits for the one before it, and the pending overlay serves their states. With
-# 2 the agent was held back 35% of the time at 3,000 events/s (small batches, two round trips each), with 16
-# 1-2% (BENCHMARKS.md section 3, session 8).
-IN_FLIGHT_PER_PARTITION = 16
 
 
 def aiokafka_security() -> dict:
@@ -185,7 +181,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                 continue
             keys = {r.key for r in msg.records if r.key}
             async with partition_locks.setdefault(msg.partition, asyncio.Lock()):
-                prev = finishing.get(msg.partition)
+                prev = finishing.last(msg.partition)
                 if prev is not None:
                     await asyncio.shield(prev)
                 overlay = pending.get(msg.partition, {})
@@ -202,8 +198,7 @@ def create_app(s: WorkerSettings) -> faust.App:
     # Per partition, the states computed but not yet in RocksDB (their batch's answers are on the way): the
     # next batch of the partition reads them from here, so its model step overlaps the previous delivery.
     pending: dict[int, dict[bytes, bytes]] = {}
-    finishing: dict[int, asyncio.Task] = {}  # per partition, the last batch's finish (chained in order)
-    depth: dict[int, int] = {}  # per partition, how many finishes are chained behind the last completed one
+    finishing = Finishes()  # per partition, the batches' finishes, chained in order
 
     def stop_worker(msg: BatchMessage) -> None:
         # Not acked, so never committed; stop rather than go on past it (a restart reads it again).
@@ -270,16 +265,8 @@ def create_app(s: WorkerSettings) -> faust.App:
                                                        for v, k, why, off in dead])
         new_states = {u.encode(): v for u, v in res.states.items()}
         overlay.update(new_states)
-        prev = finishing.get(part)
-        if prev is not None and prev.done():
-            prev = None
-        if prev is not None and depth.get(part, 0) >= IN_FLIGHT_PER_PARTITION:
-            t3 = time.perf_counter()
-            await asyncio.shield(prev)  # backpressure: bounded batches in flight
-            metrics.held_seconds += time.perf_counter() - t3
-            prev = None
-        depth[part] = 1 if prev is None else depth.get(part, 0) + 1
-        finishing[part] = asyncio.ensure_future(finish(event, start, prev, sent, new_states))
+        # backpressure: a bounded number of a partition's batches in flight
+        metrics.held_seconds += await finishing.submit(part, lambda prev: finish(event, start, prev, sent, new_states))
         metrics.consumed += len(records)
         metrics.applied += res.applied
         metrics.duplicates += res.duplicates
