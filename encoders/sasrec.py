@@ -20,7 +20,8 @@ the number of pad keys a user sees is the same in training and scoring and never
 
 `REFERENCE_MODEL` and `REFERENCE_TRAIN` are the reference recipe (`lsti eval --model sasrec --recipe
 reference`): post-LN, fixed width, hidden 50, the last window of each user, plain shuffled batches of 128,
-no gradient clipping, no warmup. They are opt-in: the defaults stay those of the published baseline runs.
+no gradient clipping, no warmup. `lsti eval --model sasrec` uses them unless `--recipe lsti` (they beat the
+shared loop's recipe on validation on ml-1m and amazon-mi, BENCHMARKS.md section 1).
 
 One deliberate difference, asked by the protocol: the loss is full-softmax cross-entropy over all
 items (not BCE with one sampled negative), on the same split and the same training loop as LSTI,

@@ -141,9 +141,13 @@ def test_recipe_reference_flag_and_overrides():
     assert mcfg == REFERENCE_MODEL and SASRecConfig(n_items=5, **mcfg).norm == "post"
     tcfg, mcfg = train_configs(parse("--recipe", "reference", "--clip", "5", "--pad", "batch", "--batch-size", "64"))
     assert (tcfg.clip, mcfg["pad"], tcfg.batch_size, tcfg.windows) == (5.0, "batch", 64, "last")
-    tcfg, mcfg = train_configs(parse())  # no recipe: the old defaults
+    tcfg, mcfg = train_configs(parse())  # no recipe: the reference's, SASRec's default since session 8
+    assert (tcfg.windows, tcfg.batches, tcfg.clip, tcfg.warmup, tcfg.batch_size) == ("last", "shuffled", None, 0.0, 128)
+    assert mcfg == REFERENCE_MODEL
+    tcfg, mcfg = train_configs(parse("--recipe", "lsti"))  # the shared loop's own recipe
     assert (tcfg.windows, tcfg.batches, tcfg.clip, tcfg.warmup) == ("random", "bucketed", 5.0, 0.05) and mcfg == {}
-    tcfg, _ = train_configs(parse("--clip", "0", "--windows", "last", "--batches", "shuffled", "--warmup", "0"))
+    tcfg, _ = train_configs(parse("--recipe", "lsti", "--clip", "0", "--windows", "last", "--batches", "shuffled",
+                                  "--warmup", "0"))
     assert (tcfg.clip, tcfg.windows, tcfg.batches, tcfg.warmup) == (None, "last", "shuffled", 0.0)
     assert set(REFERENCE_TRAIN) <= set(TrainConfig().to_dict())
     with pytest.raises(SystemExit):

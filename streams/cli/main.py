@@ -92,8 +92,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "run and the stop reason (other flags still apply)")
     p.add_argument("--decay-epochs", type=int, help="after the plateau, this many epochs from the best weights with "
                    "the rate annealed to 0 (default 0; 10 with --converge)")
-    p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for sasrec and "
-                   "gru4rec)")
+    p.add_argument("--dim", type=int, help="embedding size (default 128 for fused, short and long; 64 for gru4rec; "
+                   "50 for sasrec, its reference's)")
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.02 LSTI, 0.001 SASRec and GRU4Rec)")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
@@ -555,10 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(e)
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec",
                                                        "gru4rec"])
-    e.add_argument("--recipe", choices=("default", "reference"), help="sasrec: 'reference' is pmixer/"
-                   "SASRec.pytorch's recipe (post-LN blocks, every sequence padded to 200, hidden 50, batches of "
-                   "128 shuffled users, each user's last 201 events, no gradient clipping, no warmup); other flags "
-                   "given still override it. Default: 'default', the recipe of the published sasrec runs")
+    e.add_argument("--recipe", choices=("reference", "lsti"), help="sasrec: 'reference' (the default) is "
+                   "pmixer/SASRec.pytorch's recipe (post-LN blocks, every sequence padded to 200, hidden 50, batches "
+                   "of 128 shuffled users, each user's last 201 events, no gradient clipping, no warmup); 'lsti' is "
+                   "the shared loop's own (pre-LN query norm, batch-length padding, random windows, length-bucketed "
+                   "batches, clipping, warmup; the sasrec rows of sessions 1-5); other flags given still override it")
     e.add_argument("--norm", choices=("original", "post"), help="sasrec blocks: 'original' (default; only the "
                    "attention query layer-normed) or 'post' (post-LN, the reference's norm_first=False)")
     e.add_argument("--pad", choices=("batch", "fixed"), help="sasrec padding: to the longest sequence of the batch "
