@@ -275,7 +275,7 @@ def test_dim_help_threads_and_progress_off_without_a_terminal(tmp_path, monkeypa
     p = cli.build_parser()
     sub = next(a for a in p._actions if a.dest == "command").choices
     dim = next(a for a in sub["eval"]._actions if a.dest == "dim")
-    assert "128" in dim.help and "64 for sasrec" in dim.help
+    assert "128" in dim.help and "64 for gru4rec" in dim.help and "50 for sasrec" in dim.help
     assert any(a.dest == "threads" for a in sub["eval"]._actions)
     seen = {}
     monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.setdefault("args", args) and 0)
