@@ -187,6 +187,7 @@ def fit(
     out_of_time = False
     interrupted, done = False, 0
     decay_from: int | None = None  # the step the final anneal started at (after the plateau)
+    anneal_steps, annealed = cfg.decay_epochs * n_batches, False
     plateau: dict | None = None
     try:  # Ctrl-C (SIGINT) ends a long run like a plateau would: the best epoch so far is evaluated
         for epoch in range(1, cfg.epochs + 1):
@@ -206,7 +207,7 @@ def fit(
                         break
                 factor = lr_factor(frac, cfg)
                 if decay_from is not None:
-                    factor = max(0.0, 1.0 - (step - decay_from) / (cfg.decay_epochs * n_batches))
+                    factor = max(0.0, 1.0 - (step - decay_from) / anneal_steps)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * factor
                 loss = batch_loss(batch)
@@ -241,7 +242,8 @@ def fit(
                     decay_from, bad_epochs = step, 0
                 elif bad_epochs >= cfg.patience:
                     break
-            if decay_from is not None and step - decay_from >= cfg.decay_epochs * n_batches:
+            if decay_from is not None and step - decay_from >= anneal_steps:
+                annealed = True
                 break
             if out_of_time:
                 break
@@ -251,8 +253,7 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    decayed = decay_from is not None and step - decay_from >= cfg.decay_epochs * n_batches
-    stop = ("interrupted" if interrupted else "plateau, then anneal" if decayed
+    stop = ("interrupted" if interrupted else "plateau, then anneal" if annealed
             else "plateau" if bad_epochs >= cfg.patience
             else "time cap" if out_of_time or done == 0 else "max epochs")
     info = {"history": history, "best_valid_ndcg@10": best, "train_seconds": time.perf_counter() - start,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-RECIPES = ("default", "reference")
+RECIPES = ("reference", "lsti")  # `lsti eval --recipe` (sasrec)
 
 
 def train_configs(args: argparse.Namespace, seed: int = 0) -> tuple:

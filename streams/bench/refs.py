@@ -105,7 +105,7 @@ def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: s
 
     from streams.config import WorkerSettings
     from streams.worker.batches import BatchApp, ack_batch, send_records
-    from streams.worker.finishes import Finishes
+    from streams.worker.finishes import Finishes, drop_written
     from streams.worker.state_store import OFFSET_AT, OFFSET_POS, BatchedTable, FencedTable
 
     app = BatchApp(group, broker=f"kafka://{bootstrap}", store="rocksdb://", datadir=datadir,
@@ -137,10 +137,7 @@ def faust_batch_table(bootstrap: str, src: str, dst: str, group: str, datadir: s
         for fut, _n in sent:
             await fut
         await states.put_many(part, new)
-        mine = pending[part]
-        for k, v in new.items():
-            if mine.get(k) is v:
-                del mine[k]
+        drop_written(pending[part], new)
         await ack_batch(event)
 
     @app.agent(src_t)

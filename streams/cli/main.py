@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from streams.batch.train_options import train_configs
+from streams.batch.train_options import RECIPES, train_configs
 from streams.config import state_home
 from streams.kafka.bootstrap import resolve_bootstrap
 
@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(e)
     e.add_argument("--model", default="fused", choices=["pop", "itemknn", "short", "long", "fused", "sasrec",
                                                        "gru4rec"])
-    e.add_argument("--recipe", choices=("reference", "lsti"), help="sasrec: 'reference' (the default) is "
+    e.add_argument("--recipe", choices=RECIPES, help="sasrec: 'reference' (the default) is "
                    "pmixer/SASRec.pytorch's recipe (post-LN blocks, every sequence padded to 200, hidden 50, batches "
                    "of 128 shuffled users, each user's last 201 events, no gradient clipping, no warmup); 'lsti' is "
                    "the shared loop's own (pre-LN query norm, batch-length padding, random windows, length-bucketed "

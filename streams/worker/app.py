@@ -26,7 +26,7 @@ from streams.contracts.dead_letter import dead_letter
 from streams.contracts.events import BadEvent, parse_event
 from streams.worker.batches import BatchApp, BatchMessage, ack_batch, send_records
 from streams.worker.control import Live, watch_items, watch_versions
-from streams.worker.finishes import Finishes
+from streams.worker.finishes import Finishes, drop_written
 from streams.worker.lanes import Lanes
 from streams.worker.metrics import Metrics
 from streams.worker.recommender import BatchResult, Incoming, Recommender
@@ -219,10 +219,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                 await fut
             await short.put_many(msg.partition, states)
             metrics.wait_seconds += time.perf_counter() - t0
-            mine = pending.get(msg.partition, {})
-            for k, v in states.items():
-                if mine.get(k) is v:  # not overwritten by a later batch meanwhile
-                    del mine[k]
+            drop_written(pending.get(msg.partition, {}), states)
             await ack_batch(event, start)
         except Exception:
             stop_worker(msg)

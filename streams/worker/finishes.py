@@ -46,3 +46,11 @@ class Finishes:
         self._chained[partition] = 1 if prev is None else self._chained.get(partition, 0) + 1
         self._last[partition] = asyncio.ensure_future(finish(prev))
         return held
+
+
+def drop_written(overlay: dict[bytes, bytes], written: dict[bytes, bytes]) -> None:
+    """A finish's states are in the store now: drop them from the partition's pending overlay, except those a
+    later batch replaced meanwhile (still on their way; compared by identity, as the overlay holds them)."""
+    for k, v in written.items():
+        if overlay.get(k) is v:
+            del overlay[k]
