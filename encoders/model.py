@@ -6,7 +6,9 @@ the user vector lives in the item space and a FAISS inner-product index serves i
 Online stepping (`encoders.online`) reuses these exact weights and formulas one event at a time:
 - step input x_t = [item_vec(i_t); type_emb(e_t); log-gap(t); first(t)]
 - (h_t, c_t) = LSTMCell(x_t, h_{t-1}, c_{t-1});   s_t = W_s h_t + b_s
-- long-term l = sum_j a_j W_l text(i_j) + b_l with a = softmax_j(q . tanh(K text(i_j)) + w[e_j])
+- long-term l = sum_j a_j v(i_j) with a = softmax_j(q . tanh(K text(i_j)) + w[e_j]) and the value
+  v(i) = W_l text(i) + b_l, plus a learned id vector of its own, m(i), with `long_ids` (FISM-style: the
+  long-term side then pools what the catalogue taught about each item, not only its text)
 - g = sigmoid(W_g [s; l; log-gap; log-count] + b_g);   u = g * s + (1 - g) * l
   (g per dimension, or one scalar per user and event with `gate="user"`)
 """
@@ -41,6 +43,8 @@ class LSTIConfig:
     aux_weight: float = 0.0  # fused only: weight of the short-only and long-only losses added in training
     id_dropout: float = 0.0  # training only: share of items whose id embedding is hidden per batch, so the
     # model also learns to score an item from its text alone, on the same scale (cold start, DropoutNet-style)
+    long_ids: bool = False  # long-term values W_l text(i) + b_l + m(i), with m a second, zero-initialised id
+    # table: on sparse catalogues text alone left the long-term side weaker than item-KNN
 
     @property
     def n_types(self) -> int:
@@ -88,6 +92,9 @@ class LSTIModel(nn.Module):
         nn.init.zeros_(self.att_type.weight)
         self.long_out = nn.Linear(cfg.text_dim, d)
         self.long_default = nn.Parameter(torch.zeros(d))
+        if cfg.long_ids:
+            self.long_id = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+            nn.init.zeros_(self.long_id.weight)
         self.gate = nn.Linear(2 * d + 2, d if cfg.gate == "dim" else 1)
         nn.init.constant_(self.gate.bias, cfg.gate_bias)
         # Items hidden from training (the cold-start experiment): left out of the softmax, so training
@@ -129,13 +136,20 @@ class LSTIModel(nn.Module):
         keys = torch.tanh(self.att_key(self.text[items]))
         return keys @ self.att_query + self.att_type(etypes).squeeze(-1)
 
+    def long_values(self, items: Tensor) -> Tensor:
+        """v(i): what the long-term side pools for each item (any shape of ids -> that shape + [dim])."""
+        values = self.long_out(self.text[items])
+        if self.cfg.long_ids:
+            values = values + self.drop(self.long_id(items))
+        return values
+
     def long_states(self, items: Tensor, etypes: Tensor) -> Tensor:
         """Causal attention pooling: position t pools items 0..t. Prefix softmax = ratio of cumsums."""
         mask = (items > 0).float()
         z = self.attention_logits(items, etypes)
         z = z - (z * mask - 1e4 * (1 - mask)).max(dim=1, keepdim=True).values.detach()
         w = torch.exp(z.clamp(max=30.0)) * mask
-        values = self.long_out(self.text[items])
+        values = self.long_values(items)
         num = torch.cumsum(w.unsqueeze(-1) * values, dim=1)
         den = torch.cumsum(w, dim=1).unsqueeze(-1).clamp(min=1e-12)
         return num / den

@@ -213,14 +213,17 @@ def extend_catalogue(base: Artifact, data: Interactions) -> tuple[list[str], np.
 
 
 def extend_model(base: LSTIModel, text: torch.Tensor) -> LSTIModel:
-    """The base model over a larger catalogue: same weights, new `text` rows, zero id rows appended."""
+    """The base model over a larger catalogue: same weights, new `text` rows, zero id rows appended (both id
+    tables with `long_ids`)."""
     n_old = base.cfg.n_items + 1
     cfg = LSTIConfig(**{**base.cfg.to_dict(), "n_items": int(text.shape[0]) - 1})
     state = {k: v.clone() for k, v in base.state_dict().items()}
     state["text"] = text.float()
-    id_w = torch.zeros(text.shape[0], base.cfg.dim, dtype=state["id_emb.weight"].dtype)
-    id_w[:n_old] = state["id_emb.weight"]
-    state["id_emb.weight"] = id_w
+    for name in ("id_emb.weight", "long_id.weight"):  # long_id: with `long_ids` only
+        if name in state:
+            id_w = torch.zeros(text.shape[0], base.cfg.dim, dtype=state[name].dtype)
+            id_w[:n_old] = state[name]
+            state[name] = id_w
     model = LSTIModel(cfg, state["text"])
     model.load_state_dict(state)
     return model.eval()
@@ -269,15 +272,15 @@ class LongTermPooling(torch.nn.Module):
     for bit: not on the other users in the batch, the padding, the order of users or the thread count.
 
     Why: the model's pooling runs matrix products over [batch, length] at once, and BLAS rounds a row
-    differently with the shape of the product around it (measured: ~1e-7 differences between batch sizes),
-    so a sharded run would not reproduce the unsharded vectors. Here everything that needs a product or a
+    differently with the shape of the product around it (measured: ~1e-7 differences between batch sizes), so a
+    sharded run would not reproduce the unsharded vectors. Here everything that needs a product or a
     transcendental function is per item and computed once, in one canonical order (items sorted by id, one
     thread): the attention weight exp(logit - max) of each item and of each event type, and the item's value
-    vector W_l text(i) + b_l. A user's vector is then the ratio of two sums taken in event order, in float64,
-    of products of those per-item numbers: elementwise operations only, each exactly rounded (the value
-    vectors are kept in float32, as the model computes them, and widened exactly per step). It equals
-    the model's softmax pooling to float precision (shifting the logits by a global instead of the user's
-    maximum changes nothing but the rounding; float64 keeps exp away from underflow).
+    vector v(i) (`LSTIModel.long_values`, the model in eval mode as loaded). A user's vector is then the ratio
+    of two sums taken in event order, in float64, of products of those per-item numbers: elementwise operations
+    only, each exactly rounded (the value vectors are kept in float32, as the model computes them, and widened
+    exactly per step). It equals the model's softmax pooling to float precision (shifting the logits by a global
+    instead of the user's maximum changes nothing but the rounding; float64 keeps exp away from underflow).
 
     Same call as the model for `streams.batch.build.long_term_vectors` (`cfg`, `long_term_vectors(items,
     etypes, lengths)`); `digest` identifies the tables (the same catalogue, texts and weights give the same)."""
@@ -287,6 +290,8 @@ class LongTermPooling(torch.nn.Module):
         self.cfg = model.cfg
         self._probe = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # for next(parameters()).device
         n = model.text.shape[0]
+        if model.training:
+            raise ValueError("LongTermPooling needs the model in eval mode (dropout off)")
         if len(item_ids) != n:
             raise ValueError(f"{len(item_ids)} item ids for {n} text rows")
         order = torch.tensor([0] + sorted(range(1, n), key=lambda c: item_ids[c]), dtype=torch.long)
@@ -296,7 +301,7 @@ class LongTermPooling(torch.nn.Module):
             with torch.no_grad():
                 text = model.text.detach().cpu().float()[order].contiguous()
                 logit = (torch.tanh(model.att_key(text)) @ model.att_query).double()
-                values = model.long_out(text).float()
+                values = model.long_values(order).float()
                 type_logit = model.att_type.weight.detach().cpu()[:, 0].double()
                 item_w = torch.exp(logit - logit[1:].max()) if n > 1 else torch.zeros(n, dtype=torch.float64)
                 type_w = torch.exp(type_logit - type_logit[1:].max())

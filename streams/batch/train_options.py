@@ -34,7 +34,7 @@ def train_configs(args: argparse.Namespace, seed: int = 0) -> tuple:
     if getattr(args, "clip", None) is not None:
         given["clip"] = args.clip if args.clip > 0 else None  # --clip 0: no clipping
     model.update({k: getattr(args, k) for k in ("dim", "dropout", "aux_weight", "gate", "gate_bias", "id_dropout",
-                                                "norm", "pad") if getattr(args, k, None) is not None})
+                                                "long_ids", "norm", "pad") if getattr(args, k, None) is not None})
     if getattr(args, "converge", False):
         return TrainConfig.converge(seed=seed, **given), model
     return TrainConfig(seed=seed, **given), model

@@ -199,7 +199,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
               bootstrap: str | None = None, latency_seconds: float = 10.0, latency_rate: float | None = None,
               systems: tuple[str, ...] = SYSTEMS, batch_max: int | None = None,
               batch_within: float | None = None, progress: bool = True, profile: Path | None = None,
-              workers: int = 1, explain: bool = False) -> dict:
+              workers: int = 1, explain: bool = False, profile_system: str = "lsti") -> dict:
     from streams.kafka.broker import scratch_broker
     from streams.kafka.tools import TopicReader, ensure_topics, publish_raw
     from streams.worker.process import WorkerProcess, free_port
@@ -260,7 +260,7 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
                     cmd += ["--batch-max", str(batch_max or 500), "--state-bytes", str(StateCodec(dim, "bench").size)]
                 proc = _proc(cmd, log)
             spy = None
-            if profile and name == "lsti":
+            if profile and name == profile_system:
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-o",
                                         str(profile), "-f", "speedscope", "-p", str(proc.pid), "-d", "60"],
                                        stdout=subprocess.DEVNULL, stderr=open(home / "py-spy.log", "ab"))

@@ -102,6 +102,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weight", type=float, help="fused: weight of the short-only and long-only auxiliary losses")
     p.add_argument("--id-dropout", type=float, help="share of items trained without their id embedding per batch "
                    "(teaches scoring from text alone, for items new to the catalogue; default 0)")
+    p.add_argument("--long-ids", action="store_true", default=None, help="fused and long: the long-term side "
+                   "pools a learned id vector of each item besides its text (FISM-style; default off)")
     p.add_argument("--gate", choices=("user", "dim"), help="fused: one gate value per user and event (default) or "
                    "one per dimension")
     p.add_argument("--gate-bias", type=float, help="fused: initial gate bias (default 3: the gate starts at 0.95, "
@@ -417,7 +419,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     latency_seconds=args.latency_seconds, latency_rate=args.latency_rate,
                     systems=tuple(args.systems.split(",")), batch_max=args.batch_max,
                     batch_within=args.batch_within, profile=args.profile, workers=args.workers,
-                    explain=args.explain)
+                    explain=args.explain, profile_system=args.profile_system)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
 
@@ -644,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-within", type=float, help="worker micro-batch wait (s)")
     bs.add_argument("--workers", type=int, default=1, help="LSTI worker processes (same group, split partitions)")
     bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
+    bs.add_argument("--profile-system", default="lsti", choices=("lsti", "faust", "faust-batch-table"),
+                    help="whose process --profile records (default lsti, the worker; the references run as "
+                    "processes of their own too)")
     bs.add_argument("--explain", action="store_true", help="run the model and the worker with explanations on "
                     "(LSTI_EXPLAIN=1: a 'because' per recommended item), to measure their cost")
     bs.add_argument("--json", action="store_true", help="one JSON object on stdout")
