@@ -51,6 +51,10 @@ class WorkerSettings:
     session_timeout: float = 10.0
     heartbeat: float = 1.0
     producer_linger_ms: int = 0  # answers and states go out as record batches already: waiting adds latency only
+    # The GIL switch interval of the worker process (Python's default 5 ms). Faust's consumer thread needs the GIL
+    # to read fetch answers and hand records over while the agent computes: p99 at 4,000 events/s was 310 and
+    # 274 ms with 1 ms against 393-577 ms with 5 ms (runs alternated; BENCHMARKS.md section 3, session 9).
+    switch_interval_s: float = 0.001
     loglevel: str = "info"
     processing_guarantee: str = "at_least_once"  # or "exactly_once" (Kafka transactions)
     max_lateness: float = 0.0  # seconds an event may be older than the user's last one before it is stale
@@ -86,6 +90,7 @@ class WorkerSettings:
             session_timeout=float(env.get("LSTI_SESSION_TIMEOUT", 10.0)),
             max_lateness=float(env.get("LSTI_MAX_LATENESS", 0.0)),
             producer_linger_ms=int(env.get("LSTI_PRODUCER_LINGER_MS", 0)),
+            switch_interval_s=float(env.get("LSTI_SWITCH_INTERVAL", 0.001)),
             processing_guarantee=env.get("LSTI_PROCESSING_GUARANTEE", "at_least_once"),
             security=faust_security_from_env(),
             state_dtype=env.get("LSTI_STATE_DTYPE", "float32"),

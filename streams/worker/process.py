@@ -29,6 +29,8 @@ def run_worker(s: WorkerSettings) -> int:
     from streams.worker.app import create_app
 
     logging.basicConfig(level=s.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.switch_interval_s > 0:
+        sys.setswitchinterval(s.switch_interval_s)
     if not s.web_port:
         s.web_port = free_port()
     s.data_dir.mkdir(parents=True, exist_ok=True)
