@@ -61,6 +61,7 @@ def test_the_internals_the_hook_touches_are_there():
     src = inspect.getsource(base._drain_messages)
     assert "gap > 1 and r_offset" in src and "set_read_offset(tp, offset)" in src, "Faust's fetch-time gap fill changed"
     assert "getmany(timeout=1.0)" in src, "Faust's fetch timeout changed: see FETCH_POLL_S"
+    assert "callback(message), self.suspend_flow.wait()" in src, "Faust's hand-off changed: see fetch_groups"
 
 
 @pytest.fixture
@@ -222,3 +223,102 @@ def test_getmany_asks_the_fetcher_with_a_short_timeout(app):
 
     assert asyncio.get_event_loop().run_until_complete(collect()) == []
     assert asked == [FETCH_POLL_S] and FETCH_POLL_S <= 0.1
+
+
+def test_the_gap_bookkeeping_equals_faust_own(app):
+    """The batch consumer's `_add_gap` skips Faust's re-merge of the whole tree when the new range overlaps
+    nothing; whatever the ranges, the tree after each add and the commits are Faust's own."""
+    import random
+
+    assert "merge_overlaps()" in inspect.getsource(faust_consumer.Consumer._add_gap)
+    ours, theirs = app.consumer, faust_consumer.Consumer._add_gap
+    rng = random.Random(0)
+    loop = asyncio.get_event_loop()
+    for case in range(30):
+        tp_a, tp_b = TP("events", 100 + case), TP("events", 200 + case)
+        ours._committed_offset[tp_a] = ours._committed_offset[tp_b] = rng.choice([None, 5, 40])
+        for _ in range(40):
+            lo = rng.randrange(0, 120)
+            hi = lo + rng.randrange(-2, 15)
+            loop.run_until_complete(ours._add_gap(tp_a, lo, hi))
+            loop.run_until_complete(theirs(ours, tp_b, lo, hi))
+            assert sorted(ours._gap[tp_a]) == sorted(ours._gap[tp_b])
+    tp = TP("events", 3)
+    ours._committed_offset[tp] = 0
+    for lo in range(0, 1000, 50):
+        loop.run_until_complete(ack_batch(Ev(app, _batch(app, tp, lo, lo + 49))))
+    assert ours._new_offset(tp) == 1000
+
+
+def test_getmany_tags_the_batches_of_one_fetch_as_one_group(app):
+    ev0, ev1, lt0 = TP("events", 0), TP("events", 1), TP("long-term", 0)
+    app.batch_topics = frozenset({"events", "long-term"})
+    runs = lambda tp, lo, hi: [rec(tp.topic, tp.partition, o) for o in range(lo, hi)]  # noqa: E731
+    first = _getmany(app, {ev0: runs(ev0, 0, 5), ev1: runs(ev1, 0, 3), lt0: runs(lt0, 0, 2)})
+    second = _getmany(app, {ev0: runs(ev0, 5, 9), ev1: runs(ev1, 3, 4)}, active={ev0})  # ev1 paused: not counted
+    groups = [(m.topic, m.group) for m in first + second]
+    (n1, _), (n2, _) = first[0].group, second[0].group
+    assert n2 == n1 + 1
+    assert groups == [("events", (n1, 2)), ("events", (n1, 2)), ("long-term", (n1, 1)), ("events", (n2, 1))]
+
+
+class _Msg:
+    def __init__(self, group):
+        self.group = group
+
+
+class _Event:
+    def __init__(self, name, group):
+        self.name, self.message = name, _Msg(group)
+
+
+def _groups(script, wait=0.05):
+    """Run `fetch_groups` over events put by `script` (a list of events and pauses in seconds)."""
+    from streams.worker.batches import fetch_groups
+
+    async def source():
+        for item in script:
+            if isinstance(item, float):
+                await asyncio.sleep(item)
+            else:
+                yield item
+
+    async def collect():
+        return [[e.name for e in g] async for g in fetch_groups(source(), wait)]
+
+    return asyncio.get_event_loop().run_until_complete(collect())
+
+
+def test_fetch_groups_hands_on_a_complete_group_at_once(app):
+    script = [_Event("a", (1, 2)), _Event("b", (1, 2)), 10.0, _Event("c", (2, 1))]
+    loop = asyncio.get_event_loop()
+    started = loop.time()
+    got = []
+
+    async def first_group():
+        from streams.worker.batches import fetch_groups
+
+        async def source():
+            for item in script:
+                if isinstance(item, float):
+                    await asyncio.sleep(item)
+                else:
+                    yield item
+
+        async for g in fetch_groups(source(), wait=30.0):
+            got.append([e.name for e in g])
+            return loop.time() - started
+
+    took = loop.run_until_complete(first_group())
+    assert got == [["a", "b"]]
+    assert took < 10.0  # complete: not held for the next event nor for the wait
+
+
+def test_fetch_groups_splits_at_a_new_fetch_and_after_the_wait(app):
+    # b's fetch was counted as 3 batches but one was dropped: the group ends when c's fetch arrives
+    assert _groups([_Event("a", (1, 3)), _Event("b", (1, 3)), _Event("c", (2, 1))]) == [["a", "b"], ["c"]]
+    # a short group with nothing after it is handed on after the wait, not held until the next event
+    # (b carries a's group: held, it would join it)
+    assert _groups([_Event("a", (1, 2)), 0.3, _Event("b", (1, 2))], wait=0.05) == [["a"], ["b"]]
+    # events without a group (other topics) go one by one
+    assert _groups([_Event("a", None), _Event("b", None)]) == [["a"], ["b"]]

@@ -303,3 +303,54 @@ def test_finishes_run_in_batch_order_with_a_bounded_number_waiting():
         assert done == ["x", "a", "b", "c"] and held > 0.0
 
     asyncio.run(scenario())
+
+
+def test_one_model_pass_for_a_fetch_equals_one_pass_per_batch(tiny_artifact):
+    """The events agent runs the model once for all partitions' batches of a fetch (`run_model`): every
+    state byte and every answer (but its send time) must be what one pass per batch gives, also when a
+    user is in two batches (then it is one pass per batch) and when a batch holds no event."""
+    import re
+
+    from streams.artifacts import load_artifact
+    from streams.contracts.events import Event
+    from streams.worker.app import apply_isolated, run_model
+    from streams.worker.recommender import Incoming, Recommender
+
+    rec = Recommender(load_artifact(tiny_artifact))
+    items = [f"i{j}" for j in range(1, 8)]
+    rng = np.random.default_rng(1)
+
+    def batch(part, users, n, base):
+        return [Incoming(Event(f"e{part}-{base + j}", users[j % len(users)], items[int(rng.integers(len(items)))],
+                               "view", 1.6e9 + base + j), part, base + j) for j in range(n)]
+
+    def states_of(incs, known):
+        return {inc.event.user_id: known.get(inc.event.user_id) for inc in incs}
+
+    def strip_ts(outputs):
+        return [(u, re.sub(rb'"ts":[0-9.]+', b"", out)) for u, out in outputs]
+
+    known: dict = {}
+    for rnd in range(3):
+        batches = [batch(0, ["a", "b"], 9, 100 * rnd), batch(1, ["c"], 4, 100 * rnd), [],
+                   batch(3, ["d", "e", "f"], 12, 100 * rnd)]
+        states = [states_of(incs, known) for incs in batches]
+        longs = [dict.fromkeys(st) for st in states]
+        got = run_model(rec, batches, states, longs)
+        want = [apply_isolated(rec, incs, st, lg) if incs else None
+                for incs, st, lg in zip(batches, states, longs, strict=True)]
+        for g, w in zip(got, want, strict=True):
+            if w is None:
+                assert g.outputs == [] and g.states == {} and g.dead == []
+                continue
+            assert g.states == w.states
+            assert strip_ts(g.outputs) == strip_ts(w.outputs)
+        assert sum(g.applied for g in got) == sum(w.applied for w in want if w) == 25
+        for g in got:
+            known.update(g.states)
+    # a user in two batches (events not keyed by user): each batch alone, its own state
+    twice = [batch(0, ["a"], 3, 1000), batch(1, ["a"], 3, 1000)]
+    got = run_model(rec, twice, [{"a": known["a"]}, {"a": None}], [{"a": None}, {"a": None}])
+    assert got[0].states == apply_isolated(rec, twice[0], {"a": known["a"]}, {"a": None}).states
+    assert got[1].states == apply_isolated(rec, twice[1], {"a": None}, {"a": None}).states
+    assert run_model(rec, [[], []], [{}, {}], [{}, {}])[1].outputs == []

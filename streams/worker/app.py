@@ -1,17 +1,20 @@
 """The Faust app: topics, tables and agents declared in one place, around a `Recommender`.
 
 Records reach the agents through the batch path (`streams/worker/batches.py`): one Faust event per
-fetched partition batch. Per batch the agent parses every record (a bad one is dead-lettered alone),
-runs the model once for the batch, sends the answers and dead letters as record batches and waits for
-them, then writes the users' states (`streams/worker/state_store.py`: changelog, then RocksDB), and
-only then acks the batch's offset range. So a state that holds an event implies its answer was
-delivered, and an exception anywhere leaves the batch un-acked: nothing is committed past it, and the
-worker stops (exit code 70) so that a restart reads the batch again.
+fetched partition batch, taken by the events agent in the groups of their fetch. Per group the agent
+parses every record (a bad one is dead-lettered alone) and runs the model once; per batch it sends the
+answers and dead letters as record batches and waits for them, then writes the users' states
+(`streams/worker/state_store.py`: changelog, then RocksDB), and only then acks the batch's offset
+range. So a state that holds an event implies its answer was delivered, and an exception anywhere
+leaves the batch un-acked: nothing is committed past it, and the worker stops (exit code 70)
+so that a restart reads the batch again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -24,7 +27,7 @@ from streams.artifacts import load_artifact
 from streams.config import WorkerSettings, kafka_python_security_from_env
 from streams.contracts.dead_letter import dead_letter
 from streams.contracts.events import BadEvent, parse_event
-from streams.worker.batches import BatchApp, BatchMessage, ack_batch, send_records
+from streams.worker.batches import BatchApp, BatchMessage, ack_batch, fetch_groups, send_records
 from streams.worker.control import Live, watch_items, watch_versions
 from streams.worker.finishes import Finishes, drop_written
 from streams.worker.lanes import Lanes
@@ -85,6 +88,34 @@ def apply_isolated(recommender: Recommender, incs: list[Incoming], states: dict,
         res.duplicates += one.duplicates
         res.resets += one.resets
     return res
+
+
+def run_model(recommender: Recommender, batches: list[list[Incoming]], states: list[dict],
+              longs: list[dict]) -> list[BatchResult]:
+    """One model pass for all the batches of a fetch when no user is in two of them (the usual case: events
+    are keyed by user), else one per batch; the result split back per batch."""
+    users = [u for st in states for u in st]
+    if len(batches) == 1 or len(set(users)) != len(users):
+        return [apply_isolated(recommender, incs, st, lg) if incs else BatchResult()
+                for incs, st, lg in zip(batches, states, longs, strict=True)]
+    if not users:
+        return [BatchResult() for _ in batches]
+    merged_states, merged_longs = {}, {}
+    for st, lg in zip(states, longs, strict=True):
+        merged_states.update(st)
+        merged_longs.update(lg)
+    whole = apply_isolated(recommender, [inc for incs in batches for inc in incs], merged_states, merged_longs)
+    parts = [BatchResult() for _ in batches]
+    of_user = {u: i for i, st in enumerate(states) for u in st}
+    for u, out in whole.outputs:
+        parts[of_user[u]].outputs.append((u, out))
+    for u, v in whole.states.items():
+        parts[of_user[u]].states[u] = v
+    for inc, reason in whole.dead:
+        parts[of_user[inc.event.user_id]].dead.append((inc, reason))
+    # the counts only feed the metrics: the first batch carries the pass's
+    parts[0].applied, parts[0].duplicates, parts[0].resets = whole.applied, whole.duplicates, whole.resets
+    return parts
 
 
 def create_app(s: WorkerSettings) -> faust.App:
@@ -200,15 +231,15 @@ def create_app(s: WorkerSettings) -> faust.App:
     pending: dict[int, dict[bytes, bytes]] = {}
     finishing = Finishes()  # per partition, the batches' finishes, chained in order
 
-    def stop_worker(msg: BatchMessage) -> None:
+    def stop_worker(msgs: list[BatchMessage]) -> None:
         # Not acked, so never committed; stop rather than go on past it (a restart reads it again).
-        log.critical("batch %s[%d] offsets %d..%d failed; stopping the worker (exit %d) so that it is read again",
-                     msg.topic, msg.partition, msg.first, msg.offset, EXIT_BATCH_FAILED, exc_info=True)
+        ranges = ", ".join(f"{m.topic}[{m.partition}] offsets {m.first}..{m.offset}" for m in msgs)
+        log.critical("batch %s failed; stopping the worker (exit %d) so that it is read again", ranges,
+                     EXIT_BATCH_FAILED, exc_info=True)
         sys.stdout.flush()
         os._exit(EXIT_BATCH_FAILED)
 
-    async def finish(event, start: int, prev: asyncio.Task | None, sent: list,
-                     states: dict[bytes, bytes]) -> None:
+    async def finish(event, start: int, sent: list, states: dict[bytes, bytes], prev: asyncio.Task | None) -> None:
         """Answers delivered, then the states that say so written, then the offsets acked; in batch order."""
         msg: BatchMessage = event.message
         try:
@@ -222,68 +253,94 @@ def create_app(s: WorkerSettings) -> faust.App:
             drop_written(pending.get(msg.partition, {}), states)
             await ack_batch(event, start)
         except Exception:
-            stop_worker(msg)
+            stop_worker([msg])
 
-    async def apply_batch(event) -> None:
-        """One fetched partition batch: parse, model, send; its finish runs while the next batch is computed."""
-        msg: BatchMessage = event.message
-        started, picked_at = time.perf_counter(), time.time()
-        part, records = msg.partition, msg.records
-        if skip_fault["after"] and metrics.consumed >= skip_fault["after"]:
-            skip_fault["after"] = 0  # tests: lose one delivered batch the way Faust's stream skips one
-            log.warning("fault injection: skipping batch %s[%d] %d..%d", msg.topic, part, msg.first, msg.offset)
-            return
-        start = await event_lanes.admit(msg, app.consumer, app.consumer_generation_id)
-        metrics.rereads = event_lanes.rereads
-        if start is None:
-            return
-        recommender = live.recommender  # one model version per batch; swaps happen in between
-        t0 = time.perf_counter()
-        incs, bad = parse_records(records)
-        t1 = time.perf_counter()
+    async def admit(events: list) -> list[tuple]:
+        """The batches the lanes let through, with the offset each is applied from."""
+        admitted = []
+        for event in events:
+            msg: BatchMessage = event.message
+            if skip_fault["after"] and metrics.consumed >= skip_fault["after"]:
+                skip_fault["after"] = 0  # tests: lose one delivered batch the way Faust's stream skips one
+                log.warning("fault injection: skipping batch %s[%d] %d..%d", msg.topic, msg.partition, msg.first,
+                            msg.offset)
+                continue
+            start = await event_lanes.admit(msg, app.consumer, app.consumer_generation_id)
+            metrics.rereads = event_lanes.rereads
+            if start is not None:
+                admitted.append((event, start))
+        return admitted
+
+    def read_states(part: int, incs: list[Incoming]) -> tuple[dict, dict]:
+        """The users' short-term states and long-term vectors, the pending overlay before RocksDB."""
         users = list(dict.fromkeys(inc.event.user_id for inc in incs))
+        if not users:
+            return {}, {}
         keys = [u.encode() for u in users]
         overlay = pending.setdefault(part, {})
-        stored = short.get_many(part, keys) if keys else []
+        stored = short.get_many(part, keys)
         # The newer of the two (a recovery after a rebalance may have brought a newer one than ours in flight).
         states = {u: max(overlay.get(k), v, key=event_offset) for u, k, v in zip(users, keys, stored, strict=True)}
-        longs = dict(zip(users, long.get_many(part, keys), strict=True)) if keys else {}
+        return states, dict(zip(users, long.get_many(part, keys), strict=True))
+
+    async def apply_group(events: list) -> None:
+        """The batches of one fetch (`fetch_groups`): parse, one model pass, then per partition its sends;
+        each batch's finish runs while the next group is computed."""
+        started, picked_at = time.perf_counter(), time.time()
+        admitted = await admit(events)
+        if not admitted:
+            return
+        recommender = live.recommender  # one model version per group; swaps happen in between
+        t0 = time.perf_counter()
+        parsed = [parse_records(event.message.records) for event, _ in admitted]
+        t1 = time.perf_counter()
+        read = [read_states(event.message.partition, incs)
+                for (event, _), (incs, _) in zip(admitted, parsed, strict=True)]
         t2 = time.perf_counter()
-        res = apply_isolated(recommender, incs, states, longs) if incs else BatchResult()
+        results = run_model(recommender, [incs for incs, _ in parsed], [st for st, _ in read],
+                               [lg for _, lg in read])
         metrics.parse_seconds += t1 - t0
         metrics.model_seconds += time.perf_counter() - t2
-        if msg.generation_id != app.consumer_generation_id:
-            return  # a rebalance happened meanwhile: the partition's new owner applies these events
-        event_lanes.applied(msg)
-        dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
-        dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
-        sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])
-        sent += await send_records(app, dlq_topic, 0, [(None, dead_letter(v, k, why, msg.topic, part, off))
-                                                       for v, k, why, off in dead])
-        new_states = {u.encode(): v for u, v in res.states.items()}
-        overlay.update(new_states)
-        # backpressure: a bounded number of a partition's batches in flight
-        metrics.held_seconds += await finishing.submit(part, lambda prev: finish(event, start, prev, sent, new_states))
-        metrics.consumed += len(records)
-        metrics.applied += res.applied
-        metrics.duplicates += res.duplicates
-        metrics.dead_lettered += len(dead)
-        metrics.resets += res.resets
-        metrics.observe_batch([r.timestamp for r in records if r.timestamp is not None],
-                              time.perf_counter() - started, msg.fetched_at, picked_at)
-        stall.saw({part: records[-1].offset})
+        metrics.model_passes += 1
+        seconds = (time.perf_counter() - started) / len(admitted)
+        for (event, start), (_, bad), res in zip(admitted, parsed, results, strict=True):
+            msg: BatchMessage = event.message
+            if msg.generation_id != app.consumer_generation_id:
+                return  # a rebalance happened meanwhile: the partitions' new owners apply these events
+            part, records = msg.partition, msg.records
+            event_lanes.applied(msg)
+            dead = [(r.value, r.key, reason, r.offset) for r, reason in bad]
+            dead += [(inc.raw, inc.key, reason, inc.offset) for inc, reason in res.dead]
+            sent = await send_records(app, recs_topic, part, [(u.encode(), out) for u, out in res.outputs])
+            sent += await send_records(app, dlq_topic, 0, [(None, dead_letter(v, k, why, msg.topic, part, off))
+                                                           for v, k, why, off in dead])
+            new_states = {u.encode(): v for u, v in res.states.items()}
+            pending.setdefault(part, {}).update(new_states)
+            # backpressure: a bounded number of a partition's batches in flight
+            metrics.held_seconds += await finishing.submit(part, functools.partial(finish, event, start, sent,
+                                                                                   new_states))
+            metrics.consumed += len(records)
+            metrics.applied += res.applied
+            metrics.duplicates += res.duplicates
+            metrics.dead_lettered += len(dead)
+            metrics.resets += res.resets
+            metrics.observe_batch([r.timestamp for r in records if r.timestamp is not None], seconds, msg.fetched_at,
+                                  picked_at)
+            stall.saw({part: records[-1].offset})
 
     @app.agent(events)
     async def recommend(stream):
         idle_since = time.perf_counter()
-        async for event in stream.noack().events():
+        async for group in fetch_groups(stream.noack().events()):
             metrics.starved_seconds += time.perf_counter() - idle_since
             stall.batch_started = time.monotonic()
             try:
-                async with partition_locks.setdefault(event.message.partition, asyncio.Lock()):
-                    await apply_batch(event)
+                async with contextlib.AsyncExitStack() as locks:  # in partition order: no two holders deadlock
+                    for part in sorted({event.message.partition for event in group}):
+                        await locks.enter_async_context(partition_locks.setdefault(part, asyncio.Lock()))
+                    await apply_group(group)
             except Exception:
-                stop_worker(event.message)
+                stop_worker([event.message for event in group])
             stall.batch_started = None
             idle_since = time.perf_counter()
             if s.fault_stop_fetch_after and metrics.consumed >= s.fault_stop_fetch_after and not stall.fault_done:

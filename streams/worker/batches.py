@@ -23,9 +23,14 @@ Continuity: the consumer numbers every fetched run and every seek of a partition
 fetch that waited across a seek) still takes a number. `streams/worker/lanes.py` uses the numbers to
 apply a partition's batches with no hole between them.
 
+Groups: the batches one fetch hands out are tagged as one group (`BatchMessage.group`), so that the
+events agent can take them together (`fetch_groups`) and run the model once for all partitions.
+
 Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fails on a change):
 `Consumer.getmany` (replaced for batch topics, same flow/generation/active-partition checks),
-`Consumer._wait_next_records`, `Consumer._read_offset`, `Consumer._add_gap`, `Consumer.ack`,
+`Consumer._wait_next_records`, `Consumer._read_offset`, `Consumer._add_gap` (replaced: the same intervals
+in `Consumer._gap`, clamped at `Consumer._committed_offset`, without re-merging when nothing overlaps),
+`Consumer._new_offset` (reads the gap), `Consumer.ack`,
 `Consumer.seek` and `seek_to_committed` (counted; `_seek` run on the consumer thread),
 `Consumer.scheduler` untouched, `App._new_transport`, `Transport.Consumer`, `ConsumerMessage`,
 `AIOKafkaConsumerThread.call_thread` (committed offsets, seeks), `Consumer._new_consumer_thread` and
@@ -35,6 +40,7 @@ Faust internals touched (faust-streaming pinned; `tests/test_batch_hook.py` fail
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -59,16 +65,20 @@ FETCH_MAX_WAIT_MS = 10
 # whole latency tail (p95 ~1 s, p99 1.0-1.3 s; BENCHMARKS.md section 3, session 8). Asking with a short timeout
 # and asking again bounds that to this much; an idle worker then makes ~20 cheap calls a second.
 FETCH_POLL_S = 0.05
+# How long the agent waits for the next batch of a fetch before it takes the group it has (`fetch_groups`):
+# the fetch loop hands batches over back to back, so a complete group never waits this long.
+GROUP_WAIT_S = 0.005
 
 
 class BatchMessage(ConsumerMessage):
     """One message standing for a fetched run of records of one partition (offsets `first`..`offset`).
 
     `seq` numbers the run in its partition's fetch sequence (`BatchConsumer`): runs and seeks share one
-    counter, so a run whose number follows the previous one's directly continues it in the log.
+    counter, so a run whose number follows the previous one's directly continues it in the log. `group` is
+    (fetch number, batches of this topic the fetch hands out): the batches of one fetch, for `fetch_groups`.
     """
 
-    __slots__ = ("records", "first", "seq", "fetched_at")
+    __slots__ = ("records", "first", "seq", "fetched_at", "group")
 
     def on_final_ack(self, consumer: Any) -> bool:
         # A batch fetched before a rebalance is acked by Faust's stream when it drops it; it must not
@@ -87,6 +97,7 @@ def batch_message(tp: TP, records: list, generation_id: int, seq: int = 0) -> Ba
     msg.first = records[0].offset
     msg.seq = seq
     msg.fetched_at = time.time()  # when the consumer handed it out: the progress line splits an event's age there
+    msg.group = None
     return msg
 
 
@@ -112,6 +123,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._seq: dict[TP, int] = {}
         self._sought: dict[TP, int] = {}  # the target of the last seek, per partition
         self._handed_out = 0  # records handed out, for the fault injection of tests
+        self._fetches = 0  # fetches handed out: numbers the groups (`BatchMessage.group`)
 
     def _new_consumer_thread(self) -> BatchConsumerThread:
         return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -137,33 +149,50 @@ class BatchConsumer(faust_aiokafka.Consumer):
             except Exception as exc:  # same as Faust: log and go on
                 self.log.warning(f"exception performing seek when flow not active {exc}")
             return
-        singles = {}
+        singles, runs = {}, []
         for tp, recs in records.items():
             if not recs:
                 continue
             if tp.topic not in batch_topics:
                 singles[tp] = recs
-                continue
+            elif self._hand_out(tp, recs, active, before):
+                runs.append((tp, recs, self._seq.get(tp, 0)))
+        # One fetch of a topic is one group: the agent may take its partitions' batches together
+        # (`fetch_groups`). The size is what this fetch means to hand out; a run dropped below leaves the
+        # group short, which the agent's short wait covers.
+        self._fetches += 1
+        sizes: dict[str, int] = {}
+        for tp, _recs, _pre in runs:
+            sizes[tp.topic] = sizes.get(tp.topic, 0) + 1
+        for tp, recs, pre in runs:
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 self._dropped(records, batch_topics)
                 return
-            sought_meanwhile = self._seq.get(tp, 0) != before.get(tp, 0)
-            if (active is not None and tp not in active and tp not in self._buffered_partitions) \
-                    or (sought_meanwhile and recs[0].offset != self._sought.get(tp)) or self._fault_drop(len(recs)):
-                # Not handed out (a paused partition; or fetched around a seek and not starting at its
-                # target, so maybe from before it): the fetch position is past these records all the
-                # same, so the next run must not look like a continuation.
-                self._bump(tp)
+            if self._seq.get(tp, 0) != pre and recs[0].offset != self._sought.get(tp):
+                self._bump(tp)  # sought while the fetch's earlier batches were handed over: maybe from before it
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
             # Faust's reader fills the offsets between two messages as a "gap" at fetch time; for a batch
             # that would mark its records done before they are applied. One below the last: no gap.
             self._read_offset[tp] = recs[-1].offset - 1
             self._handed_out += len(recs)
-            yield tp, batch_message(tp, recs, generation_id, self._bump(tp))
+            msg = batch_message(tp, recs, generation_id, self._bump(tp))
+            msg.group = (self._fetches, sizes[tp.topic])
+            yield tp, msg
         if singles:
             async for item in _per_record(self, singles, generation_id, active):
                 yield item
+
+    def _hand_out(self, tp: TP, recs: list, active: set | None, before: dict[TP, int]) -> bool:
+        """Whether a fetched run goes to the agent. Not: a paused partition; or a run fetched around a seek
+        that does not start at its target, so maybe from before it. The fetch position is past these
+        records all the same, so the next run must not look like a continuation (`_bump`)."""
+        sought_meanwhile = self._seq.get(tp, 0) != before.get(tp, 0)
+        if (active is not None and tp not in active and tp not in self._buffered_partitions) \
+                or (sought_meanwhile and recs[0].offset != self._sought.get(tp)) or self._fault_drop(len(recs)):
+            self._bump(tp)
+            return False
+        return True
 
     def _dropped(self, records: dict, batch_topics: frozenset) -> None:
         for tp, recs in records.items():
@@ -177,6 +206,25 @@ class BatchConsumer(faust_aiokafka.Consumer):
             self.log.warning("fault injection: dropping a fetched run of %d records", n)
             return True
         return False
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Faust's `_add_gap` (the same clamp at the committed offset, the same intervals after), cheaper.
+
+        Faust re-merges the partition's whole interval tree after every add, and each acked batch leaves one
+        interval until the next commit (its last offset, acked apart, separates it from the next): ~300 per
+        partition at 110 batches/s, 4.8% of the worker's time in the latency profile (BENCHMARKS.md section 3).
+        A range that overlaps none of them leaves nothing to merge; only one that does is merged. Faust's
+        `sleep(0)` after each add (for health checks while a big gap is built) is left out: a batch adds one
+        interval."""
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            offset_from = max(offset_from, committed + 1)
+        if offset_from <= offset_to:
+            gap = self._gap[tp]
+            overlaps = gap.overlaps_range(offset_from, offset_to + 1)  # intervaltree intervals exclude the end
+            gap.addi(offset_from, offset_to + 1)
+            if overlaps:
+                gap.merge_overlaps()
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         for tp in revoked:
@@ -237,6 +285,53 @@ class BatchApp(faust.App):
 
     def _new_transport(self) -> BatchTransport:
         return BatchTransport(self.conf.broker_consumer, self)
+
+
+async def fetch_groups(events: AsyncIterator, wait: float = GROUP_WAIT_S) -> AsyncIterator[list]:
+    """The events of an agent's stream in the groups of their fetch (`BatchMessage.group`), in order.
+
+    Why: Faust's fetch loop hands a fetch's partition batches to the agent one at a time, each hand-off a
+    suspension, so the agent woke with one partition's batch and computed it alone: at a few thousand
+    events/s that is ~26 events per model pass, the pass's fixed cost paid per partition. A group is
+    handed on when it is complete, when an event of another fetch arrives, or when the next event takes
+    longer than `wait` (a batch dropped after the fetch was counted: the group stays short). Only speed
+    depends on the groups; what the agent does with each batch is the same.
+
+    The next event is awaited in a task that a timeout does not cancel: cancelling the stream's own
+    iterator would end it.
+    """
+    it = events.__aiter__()
+    nxt: asyncio.Future | None = None
+    group: list = []
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(it.__anext__())
+            if group:
+                done, _ = await asyncio.wait({nxt}, timeout=wait)
+                if not done:
+                    yield group
+                    group = []
+                    continue
+            try:
+                event = await nxt
+            except StopAsyncIteration:
+                break
+            finally:
+                nxt = None
+            key = getattr(event.message, "group", None)
+            if group and (key is None or key != group[0].message.group):
+                yield group
+                group = []
+            group.append(event)
+            if key is None or len(group) >= key[1]:
+                yield group
+                group = []
+        if group:
+            yield group
+    finally:
+        if nxt is not None:
+            nxt.cancel()
 
 
 async def ack_batch(event: faust.types.EventT, start: int | None = None) -> None:

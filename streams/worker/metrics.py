@@ -24,6 +24,7 @@ class Metrics:
         self.resets = 0
         self.long_term_loaded = 0
         self.batches = 0
+        self.model_passes = 0  # one per fetch group: the batches of all partitions of a fetch together
         self.rereads = 0  # partitions read again because a batch followed records fetched but not applied
         self.http_requests = 0  # on-demand recommendations answered by this worker
         self.forgotten = 0  # users whose states were deleted on request
@@ -80,6 +81,7 @@ class Metrics:
     def counts(self) -> dict:
         return {"consumed": self.consumed, "applied": self.applied, "duplicates": self.duplicates,
                 "dead_lettered": self.dead_lettered, "state_resets": self.resets, "batches": self.batches,
+                "model_passes": self.model_passes,
                 "long_term_loaded": self.long_term_loaded, "stalls": self.stalls, "rereads": self.rereads,
                 "http_requests": self.http_requests, "forgotten": self.forgotten,
                 "busy_seconds": round(self.busy_seconds, 3),
@@ -89,11 +91,11 @@ class Metrics:
                 "gc_full_collections": self.gc_full, "counted_since": self.started}
 
     def _snapshot(self) -> tuple:
-        """What a progress line compares with the last one: (time, consumed, CPU time, parse, model, held and
-        starved seconds, latency sum and count, its fetched and queued parts, garbage collection)."""
-        return (time.time(), self.consumed, time.process_time(), self.parse_seconds, self.model_seconds,
-                self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()), self.fetched_ms_sum,
-                self.queued_ms_sum, self.gc_seconds)
+        """What a progress line compares with the last one: (time, consumed, model passes, CPU time, parse, model,
+        held and starved seconds, latency sum and count, its fetched and queued parts, garbage collection)."""
+        return (time.time(), self.consumed, self.model_passes, time.process_time(), self.parse_seconds,
+                self.model_seconds, self.held_seconds, self.starved_seconds, self.lag_ms_sum, int(self.hist.sum()),
+                self.fetched_ms_sum, self.queued_ms_sum, self.gc_seconds)
 
     def log_progress(self, log: logging.Logger) -> None:
         """Since the last line: events/s, the process's CPU use (all threads; 100% = one core), the
@@ -101,14 +103,15 @@ class Metrics:
         back by deliveries in flight or starved of records: a slow worker says where its time went."""
         old, self._last_report = self._last_report, self._snapshot()
         deltas = (b - a for a, b in zip(old, self._last_report, strict=True))
-        span, events, cpu, parse, model, held, starved, lag, lags, fetched, queued, gcs = deltas
+        span, events, passes, cpu, parse, model, held, starved, lag, lags, fetched, queued, gcs = deltas
         gc_max, self.gc_max_seconds = self.gc_max_seconds, 0.0
         if events:
             per, span = 1e6 / events, max(1e-9, span)
-            log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches; cpu %.0f%%, "
-                     "parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%; events %.0f ms old when "
-                     "applied (%.0f when fetched, %.0f more queued); gc %.0f ms (longest %.0f)",
+            log.info("consumed %d (%.0f/s) applied %d duplicates %d dead-lettered %d in %d batches (%.0f events per "
+                     "model pass); cpu %.0f%%, parse %.1f us/event, model %.1f us/event, held %.0f%%, starved %.0f%%; "
+                     "events %.0f ms old when applied (%.0f when fetched, %.0f more queued); gc %.0f ms (longest %.0f)",
                      self.consumed, events / span, self.applied, self.duplicates, self.dead_lettered, self.batches,
+                     events / max(1, passes),
                      100.0 * cpu / span, parse * per, model * per, 100.0 * held / span, 100.0 * starved / span,
                      lag / max(1, lags), fetched / max(1, lags), queued / max(1, lags), gcs * 1e3, gc_max * 1e3)
 
