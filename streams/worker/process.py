@@ -46,8 +46,20 @@ def run_worker(s: WorkerSettings) -> int:
         "loggers": {"kafka": {"level": "WARNING"}, "faiss": {"level": "WARNING"}},
     }
     worker = faust.Worker(app, loglevel=s.loglevel, quiet=True, redirect_stdouts=False, logging_config=log_config)
+    freeze_heap()
     worker.execute_from_commandline()
     return 0
+
+
+def freeze_heap() -> None:
+    """Everything loaded by now (torch, numpy, faust, the model, the index) lives as long as the worker: move
+    it out of the garbage collector's reach. A full collection then scans only what the stream allocates;
+    before, each walked the whole heap, 150-230 ms with every thread stopped (the progress line's `gc`)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    logging.getLogger("lsti.worker").info("froze %d objects out of the collector's scans", gc.get_freeze_count())
 
 
 class WorkerProcess:
