@@ -272,19 +272,21 @@ class _Event:
         self.name, self.message = name, _Msg(group)
 
 
+async def _source(script):
+    """The events of `script` (a list of events and pauses in seconds), as an agent's stream gives them."""
+    for item in script:
+        if isinstance(item, float):
+            await asyncio.sleep(item)
+        else:
+            yield item
+
+
 def _groups(script, wait=0.05):
-    """Run `fetch_groups` over events put by `script` (a list of events and pauses in seconds)."""
+    """The names in each group `fetch_groups` hands on for `script`."""
     from streams.worker.batches import fetch_groups
 
-    async def source():
-        for item in script:
-            if isinstance(item, float):
-                await asyncio.sleep(item)
-            else:
-                yield item
-
     async def collect():
-        return [[e.name for e in g] async for g in fetch_groups(source(), wait)]
+        return [[e.name for e in g] async for g in fetch_groups(_source(script), wait)]
 
     return asyncio.get_event_loop().run_until_complete(collect())
 
@@ -298,14 +300,7 @@ def test_fetch_groups_hands_on_a_complete_group_at_once(app):
     async def first_group():
         from streams.worker.batches import fetch_groups
 
-        async def source():
-            for item in script:
-                if isinstance(item, float):
-                    await asyncio.sleep(item)
-                else:
-                    yield item
-
-        async for g in fetch_groups(source(), wait=30.0):
+        async for g in fetch_groups(_source(script), wait=30.0):
             got.append([e.name for e in g])
             return loop.time() - started
 
