@@ -331,9 +331,10 @@ def test_one_model_pass_for_a_fetch_equals_one_pass_per_batch(tiny_artifact):
         return [(u, re.sub(rb'"ts":[0-9.]+', b"", out)) for u, out in outputs]
 
     known: dict = {}
-    for rnd in range(3):
-        batches = [batch(0, ["a", "b"], 9, 100 * rnd), batch(1, ["c"], 4, 100 * rnd), [],
-                   batch(3, ["d", "e", "f"], 12, 100 * rnd)]
+    for rnd, base in enumerate([0, 100, 100]):  # the last round delivers the second again: all redeliveries
+        batches = [batch(0, ["a", "b"], 9, base), batch(1, ["c"], 4, base), [],
+                   batch(3, ["d", "e", "f"], 12, base)]
+        batches[1].append(Incoming(Event(f"x{base}", "c", "no-such-item", "view", 1.6e9 + base), 1, base + 50))
         states = [states_of(incs, known) for incs in batches]
         longs = [dict.fromkeys(st) for st in states]
         got = run_model(rec, batches, states, longs)
@@ -341,11 +342,14 @@ def test_one_model_pass_for_a_fetch_equals_one_pass_per_batch(tiny_artifact):
                 for incs, st, lg in zip(batches, states, longs, strict=True)]
         for g, w in zip(got, want, strict=True):
             if w is None:
-                assert g.outputs == [] and g.states == {} and g.dead == []
+                assert g.outputs == [] and g.states == {} and g.dead == [] and g.applied == g.duplicates == 0
                 continue
             assert g.states == w.states
             assert strip_ts(g.outputs) == strip_ts(w.outputs)
-        assert sum(g.applied for g in got) == sum(w.applied for w in want if w) == 25
+            assert [(i.event.event_id, why) for i, why in g.dead] == [(i.event.event_id, why) for i, why in w.dead]
+            assert (g.applied, g.duplicates) == (w.applied, w.duplicates)
+        assert sum(g.applied for g in got) == (25 if rnd < 2 else 0)
+        assert sum(g.duplicates for g in got) == (0 if rnd < 2 else 25)
         for g in got:
             known.update(g.states)
     # a user in two batches (events not keyed by user): each batch alone, its own state

@@ -113,8 +113,12 @@ def run_model(recommender: Recommender, batches: list[list[Incoming]], states: l
         parts[of_user[u]].states[u] = v
     for inc, reason in whole.dead:
         parts[of_user[inc.event.user_id]].dead.append((inc, reason))
-    # the counts only feed the metrics: the first batch carries the pass's
-    parts[0].applied, parts[0].duplicates, parts[0].resets = whole.applied, whole.duplicates, whole.resets
+    # Counted per batch, so that a batch left out later (a rebalance) takes its counts with it: every applied
+    # event has one answer, and what is neither answered nor dead-lettered was a redelivery.
+    for part, incs in zip(parts, batches, strict=True):
+        part.applied = len(part.outputs)
+        part.duplicates = len(incs) - part.applied - len(part.dead)
+    parts[0].resets = whole.resets  # users' states reset by a model change: no per-batch split needed
     return parts
 
 
@@ -298,7 +302,7 @@ def create_app(s: WorkerSettings) -> faust.App:
                 for (event, _), (incs, _) in zip(admitted, parsed, strict=True)]
         t2 = time.perf_counter()
         results = run_model(recommender, [incs for incs, _ in parsed], [st for st, _ in read],
-                               [lg for _, lg in read])
+                            [lg for _, lg in read])
         metrics.parse_seconds += t1 - t0
         metrics.model_seconds += time.perf_counter() - t2
         metrics.model_passes += 1
