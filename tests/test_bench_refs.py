@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streams.bench import refs
@@ -15,6 +17,19 @@ def test_every_system_by_default_and_by_all():
     assert resolve_systems(("all",)) == SYSTEMS
     assert resolve_systems("all") == SYSTEMS
     assert resolve_systems("faust-batch-table,aiokafka,aiokafka") == ("faust-batch-table", "aiokafka")
+
+
+def test_every_process_system_can_be_profiled_and_only_when_it_runs():
+    from streams.bench.stream import PROFILABLE, run_bench
+    from streams.cli.main import build_parser
+
+    assert PROFILABLE == SYSTEMS[1:]
+    for name in PROFILABLE:
+        assert build_parser().parse_args(["bench", "stream", "--profile-system", name]).profile_system == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "stream", "--profile-system", "model"])  # no process of its own
+    with pytest.raises(SystemExit, match="--profile-system faust is not among the systems run"):
+        run_bench(systems=("aiokafka",), profile=Path("x.json"), profile_system="faust")
 
 
 def test_unknown_system_refused_in_one_line():

@@ -34,6 +34,7 @@ import numpy as np
 from streams.config import REPO, Topics, state_home
 
 SYSTEMS = ("model", "aiokafka", "aiokafka-batched", "faust", "faust-batch-table", "lsti")
+PROFILABLE = tuple(x for x in SYSTEMS if x != "model")  # each runs as a process of its own, which py-spy records
 TAOBAO_MIX = {"view": 0.898, "cart": 0.053, "fav": 0.028, "buy": 0.021}  # event shares in the Taobao log
 
 
@@ -206,6 +207,9 @@ def run_bench(n: int = 50_000, n_users: int = 100_000, n_items: int = 10_000, di
     from streams.worker.state import StateCodec
 
     systems = resolve_systems(systems)
+    if profile and profile_system not in systems:
+        raise SystemExit(f"error: --profile-system {profile_system} is not among the systems run "
+                         f"({', '.join(systems)}); add it to --systems")
     home = state_home() / "bench"
     home.mkdir(parents=True, exist_ok=True)
     bootstrap, broker = scratch_broker(bootstrap, home / "kafka")

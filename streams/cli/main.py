@@ -646,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-within", type=float, help="worker micro-batch wait (s)")
     bs.add_argument("--workers", type=int, default=1, help="LSTI worker processes (same group, split partitions)")
     bs.add_argument("--profile", type=Path, help="record a py-spy profile (speedscope JSON) of the worker")
-    bs.add_argument("--profile-system", default="lsti", choices=("lsti", "faust", "faust-batch-table"),
+    # the systems that run as processes (streams.bench.stream.PROFILABLE; not imported here: numpy)
+    bs.add_argument("--profile-system", default="lsti",
+                    choices=("aiokafka", "aiokafka-batched", "faust", "faust-batch-table", "lsti"),
                     help="whose process --profile records (default lsti, the worker; the references run as "
                     "processes of their own too)")
     bs.add_argument("--explain", action="store_true", help="run the model and the worker with explanations on "
