@@ -95,11 +95,9 @@ def run_model(recommender: Recommender, batches: list[list[Incoming]], states: l
     """One model pass for all the batches of a fetch when no user is in two of them (the usual case: events
     are keyed by user), else one per batch; the result split back per batch."""
     users = [u for st in states for u in st]
-    if len(batches) == 1 or len(set(users)) != len(users):
+    if len(batches) == 1 or not users or len(set(users)) != len(users):
         return [apply_isolated(recommender, incs, st, lg) if incs else BatchResult()
                 for incs, st, lg in zip(batches, states, longs, strict=True)]
-    if not users:
-        return [BatchResult() for _ in batches]
     merged_states, merged_longs = {}, {}
     for st, lg in zip(states, longs, strict=True):
         merged_states.update(st)

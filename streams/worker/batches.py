@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -161,15 +162,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         # (`fetch_groups`). The size is what this fetch means to hand out; a run dropped below leaves the
         # group short, which the agent's short wait covers.
         self._fetches += 1
-        sizes: dict[str, int] = {}
-        for tp, _recs, _pre in runs:
-            sizes[tp.topic] = sizes.get(tp.topic, 0) + 1
+        sizes = Counter(tp.topic for tp, _recs, _pre in runs)
         for tp, recs, pre in runs:
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 self._dropped(records, batch_topics)
                 return
-            if self._seq.get(tp, 0) != pre and recs[0].offset != self._sought.get(tp):
-                self._bump(tp)  # sought while the fetch's earlier batches were handed over: maybe from before it
+            if self._maybe_before_seek(tp, recs, pre):  # sought while the fetch's earlier batches were handed over
+                self._bump(tp)
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
             # Faust's reader fills the offsets between two messages as a "gap" at fetch time; for a batch
@@ -187,12 +186,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """Whether a fetched run goes to the agent. Not: a paused partition; or a run fetched around a seek
         that does not start at its target, so maybe from before it. The fetch position is past these
         records all the same, so the next run must not look like a continuation (`_bump`)."""
-        sought_meanwhile = self._seq.get(tp, 0) != before.get(tp, 0)
         if (active is not None and tp not in active and tp not in self._buffered_partitions) \
-                or (sought_meanwhile and recs[0].offset != self._sought.get(tp)) or self._fault_drop(len(recs)):
+                or self._maybe_before_seek(tp, recs, before.get(tp, 0)) or self._fault_drop(len(recs)):
             self._bump(tp)
             return False
         return True
+
+    def _maybe_before_seek(self, tp: TP, recs: list, seq_then: int) -> bool:
+        """A seek of `tp` since its sequence stood at `seq_then`, and the run does not start at its target."""
+        return self._seq.get(tp, 0) != seq_then and recs[0].offset != self._sought.get(tp)
 
     def _dropped(self, records: dict, batch_topics: frozenset) -> None:
         for tp, recs in records.items():
